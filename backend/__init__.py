@@ -1,0 +1,8 @@
+"""Stateless multi-user task-chat backend."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("chat-backend")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+local"

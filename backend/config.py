@@ -1,0 +1,193 @@
+"""Settings: one pydantic-settings object read from env vars and `.env`.
+
+Every process (`serve`, `mcp`, `migrate`, `dev`, tests) builds its own `Settings`; nothing reads
+`os.environ` anywhere else. Secrets have no usable default outside `dev`: `validate_for_runtime()`
+turns a missing one into a start-up error that names the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+OFFLINE_MODEL = "offline"
+DEFAULT_GEMINI_MODEL = "gemini/gemini-2.5-flash"
+MCP_AUDIENCE = "chat-backend-mcp"
+MCP_ISSUER = "chat-backend-api"
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or inconsistent; the message names the variable."""
+
+
+def _csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)
+
+    # "dev" allows generated secrets (kept under DATA_DIR); anything else refuses to start without them.
+    app_env: Literal["dev", "production"] = "production"
+    data_dir: Path = Path(".data")
+    log_level: str = "INFO"
+
+    database_url: str | None = None
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
+
+    # Auth (Better Auth JWKS and/or an HS256 shared secret).
+    auth_jwks_url: str | None = None
+    auth_secret: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_algorithms: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auth_leeway_seconds: int = 5
+    auth_jwks_cache_seconds: int = 600
+    auth_jwks_refetch_seconds: float = 30.0
+
+    # Model.
+    chat_model: str | None = None
+    gemini_api_key: str | None = None
+    model_api_key: str | None = None
+    model_api_base: str | None = None
+    model_timeout_seconds: float = 60.0
+    model_max_retries: int = 2
+    model_temperature: float | None = None
+    agent_max_turns: int = 8
+    turn_timeout_seconds: float = 120.0
+    history_max_messages: int = 40
+    history_max_chars: int = 24_000
+    tracing_enabled: bool = False
+
+    # MCP.
+    mcp_url: str = "http://127.0.0.1:8001/mcp"
+    mcp_token_secret: str | None = None
+    mcp_token_ttl_seconds: int = 600
+    mcp_timeout_seconds: float = 15.0
+    mcp_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Where `chat-backend mcp` binds; defaults to MCP_URL's host (0.0.0.0 in a container).
+    mcp_bind_host: str | None = None
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = 64_000
+    max_message_chars: int = 8_000
+    turn_lease_seconds: float = 30.0
+    sse_heartbeat_seconds: float = 10.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg2_driver(cls, value: str | None) -> str | None:
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; this project ships psycopg2.
+        if value:
+            for prefix in ("postgres://", "postgresql://"):
+                if value.startswith(prefix):
+                    return "postgresql+psycopg2://" + value.removeprefix(prefix)
+        return value
+
+    @field_validator("auth_algorithms", "mcp_allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        return _csv(value)
+
+    @property
+    def is_dev(self) -> bool:
+        return self.app_env == "dev"
+
+    @property
+    def model_name(self) -> str:
+        """The LiteLLM model string, or `offline` when no model or key is configured."""
+        if self.chat_model:
+            return self.chat_model
+        return DEFAULT_GEMINI_MODEL if self.gemini_api_key else OFFLINE_MODEL
+
+    @property
+    def algorithms(self) -> list[str]:
+        if self.auth_algorithms:
+            return self.auth_algorithms
+        algs: list[str] = []
+        if self.auth_secret:
+            algs.append("HS256")
+        if self.auth_jwks_url:
+            algs += ["EdDSA", "ES256", "RS256"]
+        return algs
+
+    @property
+    def mcp_host(self) -> str:
+        return urlsplit(self.mcp_url).hostname or "127.0.0.1"
+
+    @property
+    def mcp_port(self) -> int:
+        parts = urlsplit(self.mcp_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def mcp_path(self) -> str:
+        return urlsplit(self.mcp_url).path.rstrip("/") or "/mcp"
+
+    @property
+    def mcp_base_url(self) -> str:
+        parts = urlsplit(self.mcp_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @cached_property
+    def _dev_secrets(self) -> dict[str, str]:
+        """Random secrets for `dev`, generated once and kept in DATA_DIR so `token` and `serve` agree."""
+        path = self.data_dir / "dev-secrets.json"
+        if path.exists():
+            stored: dict[str, str] = json.loads(path.read_text())
+            return stored
+        values = {"auth_secret": secrets.token_urlsafe(32), "mcp_token_secret": secrets.token_urlsafe(32)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+        path.chmod(0o600)
+        return values
+
+    def resolved_auth_secret(self) -> str | None:
+        if self.auth_secret or self.auth_jwks_url or not self.is_dev:
+            return self.auth_secret
+        return self._dev_secrets["auth_secret"]
+
+    def resolved_mcp_secret(self) -> str:
+        if self.mcp_token_secret:
+            return self.mcp_token_secret
+        if self.is_dev:
+            return self._dev_secrets["mcp_token_secret"]
+        raise ConfigError("MCP_TOKEN_SECRET is not set: the API and the MCP server need the same secret")
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is not set (e.g. postgresql://user:pass@host:5432/db)")
+        return self.database_url
+
+    def validate_for_api(self) -> None:
+        """Fail fast, naming the variable, before the API accepts traffic."""
+        self.require_database_url()
+        if not (self.resolved_auth_secret() or self.auth_jwks_url):
+            raise ConfigError("Set AUTH_JWKS_URL (Better Auth JWKS) or AUTH_SECRET (HS256 shared secret)")
+        secret = self.resolved_auth_secret()
+        if secret and len(secret) < 32 and not self.is_dev:
+            raise ConfigError("AUTH_SECRET must be at least 32 characters")
+        unknown = set(self.algorithms) - {"HS256", "HS384", "HS512", "EdDSA", "ES256", "ES384", "RS256", "PS256"}
+        if unknown:
+            raise ConfigError(f"AUTH_ALGORITHMS has unsupported values: {sorted(unknown)}")
+        self.resolved_mcp_secret()
+        model = self.model_name
+        if model.startswith("gemini/") and not (self.gemini_api_key or self.model_api_key):
+            raise ConfigError(f"CHAT_MODEL={model} needs GEMINI_API_KEY")
+
+    def validate_for_mcp(self) -> None:
+        self.require_database_url()
+        self.resolved_mcp_secret()

@@ -1,0 +1,60 @@
+"""Delegation tokens: the API's per-turn grant that lets the MCP server act for one user.
+
+The user's own JWT never leaves the API. For each turn the API mints a short-lived HS256 token
+whose audience is the MCP server and whose `sub` is the verified user id; the MCP server verifies it
+(`backend/mcp_server/auth.py`) and takes the user from it, so no tool argument can name a user.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import jwt
+
+from backend.config import MCP_AUDIENCE, MCP_ISSUER
+
+ALGORITHM = "HS256"
+SCOPE = "tasks"
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    user_id: str
+    expires_at: int
+    token_id: str
+
+
+def mint_delegation_token(secret: str, user_id: str, *, ttl_seconds: int = 600) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": MCP_ISSUER,
+        "aud": MCP_AUDIENCE,
+        "sub": user_id,
+        "scope": SCOPE,
+        "iat": now,
+        "exp": now + ttl_seconds,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify_delegation_token(secret: str, token: str) -> Delegation | None:
+    """The verified delegation, or None for any invalid, expired or foreign token."""
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            audience=MCP_AUDIENCE,
+            issuer=MCP_ISSUER,
+            options={"require": ["exp", "sub", "aud", "iss"]},
+            leeway=5,
+        )
+    except jwt.PyJWTError:
+        return None
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or claims.get("scope") != SCOPE:
+        return None
+    return Delegation(user_id=sub, expires_at=int(claims["exp"]), token_id=str(claims.get("jti", "")))

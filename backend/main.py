@@ -1,0 +1,68 @@
+"""The API app factory.
+
+`app.state` holds only process-wide plumbing (settings, the engine, the token verifier, an HTTP
+client pool): nothing about a user or a conversation survives a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from backend import __version__
+from backend.api import conversations, health
+from backend.auth import TokenVerifier
+from backend.config import Settings
+from backend.db import make_engine
+from backend.errors import BodyLimitMiddleware, install_error_handlers
+
+
+def configure_process(settings: Settings) -> None:
+    """Process-wide switches for the libraries (no network at import, no tracing without a key)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    if not settings.tracing_enabled:
+        os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def create_app(settings: Settings | None = None, *, jwks_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.validate_for_api()
+    configure_process(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.http.aclose()
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Task chat backend",
+        version=__version__,
+        summary="Stateless multi-user chat with an AI assistant that manages todo tasks",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = make_engine(settings)
+    app.state.verifier = TokenVerifier(settings, jwks_transport=jwks_transport)
+    app.state.http = httpx.AsyncClient(timeout=10.0)
+
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+    app.include_router(health.router)
+    app.include_router(conversations.router)
+    return app

@@ -1,0 +1,175 @@
+"""Tables (SQLModel) beside the public schemas the API returns.
+
+The schema itself comes from Alembic migrations only; `SQLModel.metadata` is what
+`migrations/env.py` compares against.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts() -> Any:
+    return Field(
+        default_factory=utcnow,
+        sa_column_kwargs={"server_default": sa.func.now()},
+        sa_type=sa.DateTime(timezone=True),  # type: ignore[call-overload]
+        nullable=False,
+    )
+
+
+class Role(StrEnum):
+    user = "user"
+    assistant = "assistant"
+
+
+class MessageStatus(StrEnum):
+    complete = "complete"
+    error = "error"
+    aborted = "aborted"
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+
+class Conversation(SQLModel, table=True):
+    __table_args__ = (
+        sa.Index("ix_conversation_user_updated", "user_id", sa.text("updated_at DESC"), sa.text("id DESC")),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: str = Field(max_length=255, nullable=False)
+    title: str = Field(default="New conversation", max_length=200, nullable=False)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    # Last message sequence number handed out; bumped under the row lock, so order is strict.
+    last_seq: int = Field(default=0, nullable=False)
+    # The "turn running" lease: set when a turn starts, renewed while it runs, cleared when it ends.
+    # A crashed replica's lease simply expires, so another replica can take the conversation.
+    turn_id: uuid.UUID | None = Field(default=None)
+    turn_lease_until: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+
+
+class Message(SQLModel, table=True):
+    __table_args__ = (
+        sa.UniqueConstraint("conversation_id", "seq", name="uq_message_conversation_seq"),
+        sa.UniqueConstraint("conversation_id", "client_message_id", name="uq_message_client_id"),
+        sa.CheckConstraint("role IN ('user', 'assistant')", name="ck_message_role"),
+        sa.CheckConstraint("status IN ('complete', 'error', 'aborted')", name="ck_message_status"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    conversation_id: uuid.UUID = Field(
+        sa_column=sa.Column(sa.Uuid, sa.ForeignKey("conversation.id", ondelete="CASCADE"), nullable=False, index=False)
+    )
+    seq: int = Field(nullable=False)
+    role: str = Field(max_length=16, nullable=False)
+    content: str = Field(default="", sa_type=sa.Text, nullable=False)  # type: ignore[call-overload]
+    status: str = Field(default=MessageStatus.complete, max_length=16, nullable=False)
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list, sa_column=sa.Column(JSONB, nullable=False))
+    usage: dict[str, int] | None = Field(default=None, sa_column=sa.Column(JSONB, nullable=True))
+    model: str | None = Field(default=None, max_length=200)
+    client_message_id: str | None = Field(default=None, max_length=200)
+    # For an assistant message: the user message it answers (a retried turn answers the same one).
+    reply_to: uuid.UUID | None = Field(default=None)
+    error_code: str | None = Field(default=None, max_length=64)
+    duration_ms: int | None = Field(default=None)
+    created_at: datetime = _ts()
+
+
+class Task(SQLModel, table=True):
+    """Owned by the MCP server: the API never reads or writes it."""
+
+    __table_args__ = (sa.Index("ix_task_user_id", "user_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(max_length=255, nullable=False)
+    title: str = Field(max_length=200, nullable=False)
+    description: str | None = Field(default=None, max_length=1000)
+    completed: bool = Field(default=False, nullable=False)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+# --- public schemas -----------------------------------------------------------------------------
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: refuse it at the edge instead of failing in the database.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(_no_nul)]
+
+
+class ToolCallOut(BaseModel):
+    name: str
+    arguments: dict[str, Any]
+    result: Any = None
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class MessageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    seq: int
+    role: Role
+    content: str
+    status: MessageStatus
+    tool_calls: list[ToolCallOut]
+    usage: Usage | None
+    model: str | None
+    client_message_id: str | None
+    reply_to: uuid.UUID | None
+    error_code: str | None
+    created_at: datetime
+
+
+class ConversationSummary(BaseModel):
+    id: uuid.UUID
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+    last_message_preview: str | None
+
+
+class ConversationPage(BaseModel):
+    data: list[ConversationSummary]
+    next_cursor: str | None
+
+
+class ConversationDetail(BaseModel):
+    id: uuid.UUID
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    messages: list[MessageOut]
+    # Pass as `before` to read the page of older messages; null when this page reaches the start.
+    next_before: uuid.UUID | None
+
+
+class ConversationRename(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: Title

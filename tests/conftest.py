@@ -1,0 +1,78 @@
+"""Shared fixtures: a real PostgreSQL database per test, settings, tokens."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from backend.config import Settings
+from backend.db import make_engine
+from backend.main import create_app
+from tests.support import db
+from tests.support.tokens import TEST_AUTH_SECRET
+
+TEST_MCP_SECRET = "test-mcp-secret-0123456789abcdef0123456789"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    return db.admin_url()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    name = db.create_template(pg_admin_url)
+    yield name
+    db.drop(pg_admin_url, name)
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database of its own for this test."""
+    name = db.clone(pg_admin_url, template_db)
+    yield db.with_database(pg_admin_url, name)
+    db.drop(pg_admin_url, name)
+
+
+def make_settings(database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "app_env": "production",
+        "database_url": database_url,
+        "auth_secret": TEST_AUTH_SECRET,
+        "mcp_token_secret": TEST_MCP_SECRET,
+        "chat_model": "offline",
+        "db_pool_size": 5,
+        "db_max_overflow": 5,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API app in process (no MCP server behind it)."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as http,
+    ):
+        yield http
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    eng = make_engine(settings)
+    yield eng
+    eng.dispose()

@@ -1,0 +1,26 @@
+"""Rows for tests that need existing conversations (the chat turn has its own tests)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from backend.models import Conversation, Message
+
+
+def conversation(
+    engine: Engine, user_id: str, *, title: str = "Chat", messages: int = 0, age_minutes: int = 0
+) -> uuid.UUID:
+    updated = datetime.now(UTC) - timedelta(minutes=age_minutes)
+    with Session(engine) as session:
+        conv = Conversation(user_id=user_id, title=title, created_at=updated, updated_at=updated, last_seq=messages)
+        session.add(conv)
+        session.flush()
+        for seq in range(1, messages + 1):
+            role = "user" if seq % 2 else "assistant"
+            session.add(Message(conversation_id=conv.id, seq=seq, role=role, content=f"{role} message {seq}"))
+        session.commit()
+        return conv.id

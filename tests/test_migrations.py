@@ -1,0 +1,50 @@
+"""The schema comes from migrations only; they go down and up cleanly and match the models."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlmodel import SQLModel
+
+import backend.models  # noqa: F401
+from backend.cli import alembic_config
+
+
+def _tables(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_models_match_migrations(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_downgrade_and_upgrade_again(database_url: str) -> None:
+    cfg = alembic_config(database_url)
+    assert {"conversation", "message", "task"} <= _tables(database_url)
+    command.downgrade(cfg, "base")
+    assert _tables(database_url) == {"alembic_version"}
+    command.upgrade(cfg, "head")
+    assert {"conversation", "message", "task", "alembic_version"} == _tables(database_url)
+
+
+def test_indexes_and_cascade(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    insp = sa.inspect(engine)
+    conv_indexes = {ix["name"]: ix for ix in insp.get_indexes("conversation")}
+    assert conv_indexes["ix_conversation_user_updated"]["column_names"][0] == "user_id"
+    uniques = {uc["name"]: uc["column_names"] for uc in insp.get_unique_constraints("message")}
+    assert uniques["uq_message_conversation_seq"] == ["conversation_id", "seq"]
+    assert uniques["uq_message_client_id"] == ["conversation_id", "client_message_id"]
+    (fk,) = insp.get_foreign_keys("message")
+    assert fk["options"].get("ondelete") == "CASCADE"
+    engine.dispose()
