@@ -83,7 +83,6 @@ class Settings(BaseSettings):
     api_port: int = 8000
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 64_000
-    max_message_chars: int = 8_000
     turn_lease_seconds: float = 30.0
     sse_heartbeat_seconds: float = 10.0
 

@@ -17,6 +17,7 @@ from backend.db import session_scope
 from backend.errors import ApiError, not_found, unauthorized
 from backend.models import Conversation
 from backend.services.conversations import get_owned
+from backend.services.turn import TurnDeps
 
 
 def get_settings(request: Request) -> Settings:
@@ -29,8 +30,14 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
+def get_turn_deps(request: Request) -> TurnDeps:
+    deps: TurnDeps = request.app.state.turn_deps
+    return deps
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+TurnDepsDep = Annotated[TurnDeps, Depends(get_turn_deps)]
 
 
 def get_session(engine: EngineDep) -> Iterator[Session]:

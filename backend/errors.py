@@ -29,6 +29,7 @@ class ApiError(Exception):
         *,
         retryable: bool | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status_code = status_code
@@ -36,12 +37,13 @@ class ApiError(Exception):
         self.detail = detail
         self.retryable = retryable
         self.headers = headers
+        self.extra = extra or {}
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"detail": self.detail, "code": self.code}
         if self.retryable is not None:
             body["retryable"] = self.retryable
-        return body
+        return {**body, **self.extra}
 
 
 def not_found(what: str = "Conversation") -> ApiError:

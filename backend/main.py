@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
+from agents import Model
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from backend import __version__
-from backend.api import conversations, health
+from backend.api import chat, conversations, health
 from backend.auth import TokenVerifier
 from backend.config import Settings
 from backend.db import make_engine
 from backend.errors import BodyLimitMiddleware, install_error_handlers
+from backend.services.turn import TurnDeps
 
 
 def configure_process(settings: Settings) -> None:
@@ -31,7 +33,13 @@ def configure_process(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def create_app(settings: Settings | None = None, *, jwks_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    jwks_transport: httpx.AsyncBaseTransport | None = None,
+    model_factory: Callable[[], Model] | None = None,
+) -> FastAPI:
+    """The API. `jwks_transport` and `model_factory` let tests stand in for the network and the model."""
     settings = settings or Settings()
     settings.validate_for_api()
     configure_process(settings)
@@ -52,6 +60,7 @@ def create_app(settings: Settings | None = None, *, jwks_transport: httpx.AsyncB
     app.state.engine = make_engine(settings)
     app.state.verifier = TokenVerifier(settings, jwks_transport=jwks_transport)
     app.state.http = httpx.AsyncClient(timeout=10.0)
+    app.state.turn_deps = TurnDeps.create(app.state.engine, settings, model_factory)
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -65,4 +74,5 @@ def create_app(settings: Settings | None = None, *, jwks_transport: httpx.AsyncB
         )
     app.include_router(health.router)
     app.include_router(conversations.router)
+    app.include_router(chat.router)
     return app

@@ -106,14 +106,14 @@ class Task(SQLModel, table=True):
 # --- public schemas -----------------------------------------------------------------------------
 
 
-def _no_nul(value: str) -> str:
+def no_nul(value: str) -> str:
     # PostgreSQL text cannot hold NUL: refuse it at the edge instead of failing in the database.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     return value
 
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(_no_nul)]
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(no_nul)]
 
 
 class ToolCallOut(BaseModel):
@@ -167,6 +167,33 @@ class ConversationDetail(BaseModel):
     messages: list[MessageOut]
     # Pass as `before` to read the page of older messages; null when this page reaches the start.
     next_before: uuid.UUID | None
+
+
+MAX_MESSAGE_CHARS = 8000
+
+MessageText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS), AfterValidator(no_nul)
+]
+ClientMessageId = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(no_nul)]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: MessageText
+    conversation_id: uuid.UUID | None = None
+    # Idempotency key chosen by the client: a retry with the same id never makes a second turn.
+    client_message_id: ClientMessageId | None = None
+
+
+class ChatResponse(BaseModel):
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    response: str
+    tool_calls: list[ToolCallOut]
+    usage: Usage
+    model: str
+    duration_ms: int
 
 
 class ConversationRename(BaseModel):

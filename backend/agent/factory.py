@@ -1,0 +1,110 @@
+"""Builds the per-request agent: model, MCP server with the turn's delegation token, settings.
+
+An `Agent`, a `LitellmModel` and an `MCPServerStreamableHttp` are plain objects; building them for
+each turn is cheap and keeps every request independent of the last one.
+"""
+
+from __future__ import annotations
+
+import ssl
+from functools import cache
+from typing import Any
+
+import httpx2
+from agents import Agent, Model, ModelSettings, retry_policies
+from agents.mcp import MCPServerStreamableHttp
+from agents.retry import ModelRetryBackoffSettings, ModelRetrySettings
+
+from backend.agent.offline import OfflineModel
+from backend.config import OFFLINE_MODEL, Settings
+
+INSTRUCTIONS = """\
+You are a friendly, concise assistant that manages the user's todo list.
+
+Use the task tools for every task operation; never invent tasks, ids or results.
+- To add, call add_task with a short title (and a description only when the user gave details).
+- To show tasks, call list_tasks (status "pending" or "completed" when the user asks for those).
+- To complete, rename/update or delete a task the user names by title, call list_tasks first to
+  find its id, then act on that id. If several tasks match, ask which one.
+- After a tool call, confirm what changed in one short sentence, mentioning the task id and title.
+- If a tool reports an error (for example "task 7 not found"), say so plainly.
+Answer other questions briefly and steer back to tasks when it helps. Plain text, no tables.
+"""
+
+# Transient provider failures worth another try, handled by the Agents SDK's retry loop.
+_RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+
+
+def make_model(settings: Settings) -> Model:
+    name = settings.model_name
+    if name == OFFLINE_MODEL:
+        return OfflineModel()
+    from agents.extensions.models.litellm_model import LitellmModel  # heavy import: only when used
+
+    return LitellmModel(
+        model=name,
+        base_url=settings.model_api_base,
+        api_key=settings.model_api_key or (settings.gemini_api_key if name.startswith("gemini/") else None),
+    )
+
+
+def model_settings(settings: Settings) -> ModelSettings:
+    return ModelSettings(
+        temperature=settings.model_temperature,
+        include_usage=True,  # usage in streamed chat-completions responses
+        timeout=settings.model_timeout_seconds,
+        retry=ModelRetrySettings(
+            max_retries=settings.model_max_retries,
+            backoff=ModelRetryBackoffSettings(initial_delay=0.5, max_delay=4.0, multiplier=2.0, jitter=True),
+            policy=retry_policies.any(
+                retry_policies.provider_suggested(),
+                retry_policies.network_error(),
+                retry_policies.http_status(_RETRY_STATUSES),
+            ),
+        ),
+    )
+
+
+@cache
+def _ssl_context() -> ssl.SSLContext:
+    # One context for the process: building one per MCP connection costs ~20 ms of CPU per turn.
+    return ssl.create_default_context()
+
+
+def _mcp_http_client(
+    headers: dict[str, str] | None = None, timeout: Any = None, auth: Any = None
+) -> httpx2.AsyncClient:
+    kwargs: dict[str, Any] = {"headers": headers, "verify": _ssl_context(), "follow_redirects": False}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    if auth is not None:
+        kwargs["auth"] = auth
+    return httpx2.AsyncClient(**kwargs)
+
+
+def make_mcp_server(settings: Settings, delegation_token: str) -> MCPServerStreamableHttp:
+    """The task tools, acting for exactly the user the delegation token names."""
+    return MCPServerStreamableHttp(
+        name="tasks",
+        params={
+            "url": settings.mcp_url,
+            "headers": {"Authorization": f"Bearer {delegation_token}"},
+            "timeout": settings.mcp_timeout_seconds,
+            "sse_read_timeout": settings.mcp_timeout_seconds,
+            "httpx_client_factory": _mcp_http_client,
+        },
+        cache_tools_list=False,
+        client_session_timeout_seconds=settings.mcp_timeout_seconds,
+        max_retry_attempts=1,
+        use_structured_content=True,
+    )
+
+
+def build_agent(settings: Settings, model: Model, mcp_server: MCPServerStreamableHttp) -> Agent[Any]:
+    return Agent(
+        name="Task assistant",
+        instructions=INSTRUCTIONS,
+        model=model,
+        model_settings=model_settings(settings),
+        mcp_servers=[mcp_server],
+    )

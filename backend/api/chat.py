@@ -1,0 +1,123 @@
+"""`POST /api/chat` (one JSON answer) and `POST /api/chat/stream` (Server-Sent Events).
+
+Both run the same turn service; they differ only in how its events reach the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from backend.deps import CurrentUser, TurnDepsDep
+from backend.errors import ApiError
+from backend.models import ChatRequest, ChatResponse, ToolCallOut, Usage
+from backend.services.turn import CompleteEvent, ErrorEvent, TurnEvent, TurnInput, begin, event_dict, run_turn
+
+router = APIRouter(prefix="/api/chat", tags=["chat"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such conversation for this user"},
+    409: {"description": "A turn is already running on this conversation"},
+    502: {"description": "The model or its provider failed"},
+    503: {"description": "The task (MCP) server is unavailable"},
+    504: {"description": "The model timed out"},
+}
+
+SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+def _input(body: ChatRequest, user_id: str) -> TurnInput:
+    return TurnInput(user_id, body.message, body.conversation_id, body.client_message_id)
+
+
+@router.post("", responses=ERRORS)
+async def chat(body: ChatRequest, user_id: CurrentUser, deps: TurnDepsDep) -> ChatResponse:
+    turn = await begin(deps, _input(body, user_id))
+    async for event in run_turn(deps, user_id, turn):
+        if isinstance(event, CompleteEvent):
+            return ChatResponse(
+                conversation_id=turn.conversation_id,
+                message_id=event.message_id,  # type: ignore[arg-type]
+                response=event.full_content,
+                tool_calls=[ToolCallOut(**call) for call in event.tool_calls],
+                usage=Usage(**event.usage),
+                model=event.model,
+                duration_ms=event.duration_ms,
+            )
+        if isinstance(event, ErrorEvent):
+            raise ApiError(
+                event.status_code,
+                event.code,
+                event.message,
+                retryable=event.retryable,
+                extra={"conversation_id": event.conversation_id, "message_id": event.message_id},
+            )
+    raise RuntimeError("the turn ended without a result")  # pragma: no cover
+
+
+@router.post(
+    "/stream",
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "SSE turn events"}},
+    response_class=StreamingResponse,
+)
+async def chat_stream(body: ChatRequest, user_id: CurrentUser, deps: TurnDepsDep) -> StreamingResponse:
+    # Begin before the response starts, so 404/409 arrive as real HTTP statuses.
+    turn = await begin(deps, _input(body, user_id))
+    return StreamingResponse(
+        _sse(lambda: run_turn(deps, user_id, turn), deps.settings.sse_heartbeat_seconds),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
+
+
+async def with_heartbeats(
+    events: Callable[[], AsyncIterator[TurnEvent]], interval: float
+) -> AsyncIterator[TurnEvent | None]:
+    """Yield the turn's events, and None whenever `interval` passes without one.
+
+    The turn runs in a task of its own (its MCP connection must open and close in one task); when
+    the client goes away this generator is closed, the task is cancelled, and the turn stores its
+    partial answer as aborted before this returns.
+    """
+    queue: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
+    done = object()
+
+    async def produce() -> None:
+        try:
+            async for event in events():
+                await queue.put(event)
+        finally:
+            queue.put_nowait(done)  # type: ignore[arg-type]
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=interval)
+            except TimeoutError:
+                yield None
+                continue
+            if item is done:
+                break
+            yield item
+        await task  # surfaces an unexpected crash of the producer
+    finally:
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _sse(events: Callable[[], AsyncIterator[TurnEvent]], heartbeat: float) -> AsyncIterator[str]:
+    async for event in with_heartbeats(events, heartbeat):
+        if event is None:
+            yield ": heartbeat\n\n"
+        else:
+            yield f"data: {json.dumps(event_dict(event), default=str)}\n\n"

@@ -1,0 +1,103 @@
+"""The MCP server's ASGI app: streamable HTTP at MCP_URL's path, plus /health and /health/ready."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal, cast, get_args
+
+import anyio.to_thread
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import AnyHttpUrl
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from backend import __version__
+from backend.config import Settings
+from backend.db import make_engine, ping
+from backend.delegation import SCOPE
+from backend.mcp_server.auth import DelegationTokenVerifier
+from backend.mcp_server.tools import register_tools
+
+INSTRUCTIONS = (
+    "Manage the signed-in user's to-do list: add_task, list_tasks, complete_task, update_task, delete_task. "
+    "Tasks are identified by numeric id; call list_tasks to find an id from a title."
+)
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _log_level(name: str) -> LogLevel:
+    # MCPServer configures logging itself; keep it at LOG_LEVEL rather than its INFO default.
+    upper = name.upper()
+    return cast(LogLevel, upper) if upper in get_args(LogLevel) else "INFO"
+
+
+def transport_security(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection that also accepts MCP_URL's host and MCP_ALLOWED_HOSTS (compose names)."""
+    hosts: list[str] = []
+    origins: list[str] = []
+    for raw in dict.fromkeys(["127.0.0.1", "localhost", "::1", settings.mcp_host, *settings.mcp_allowed_hosts]):
+        name = f"[{raw}]" if raw.count(":") > 1 and not raw.startswith("[") else raw  # bare IPv6
+        # "mcp:8001" pins a port; a bare "mcp" allows any port (and none).
+        pinned = ":" in name.rsplit("]", 1)[-1]
+        hosts += [name] if pinned else [name, f"{name}:*"]
+        for scheme in ("http", "https"):
+            origins += [f"{scheme}://{name}"] if pinned else [f"{scheme}://{name}", f"{scheme}://{name}:*"]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def create_mcp_app(settings: Settings) -> Starlette:
+    """The whole MCP server process as one ASGI app (what `chat-backend mcp` serves)."""
+    engine = make_engine(settings)
+    server: MCPServer[Any] = MCPServer(
+        name="chat-backend-tasks",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        log_level=_log_level(settings.log_level),
+        token_verifier=DelegationTokenVerifier(settings.resolved_mcp_secret()),
+        auth=AuthSettings(
+            issuer_url=AnyHttpUrl(settings.mcp_base_url),
+            resource_server_url=AnyHttpUrl(settings.mcp_url),
+            required_scopes=[SCOPE],
+            # The verifier checks the token's audience itself (delegation tokens carry no RFC 8707 resource).
+            validate_token_resource=False,
+        ),
+    )
+    register_tools(server, engine)
+    mcp_app = server.streamable_http_app(
+        streamable_http_path=settings.mcp_path,
+        stateless_http=True,  # no session state: any replica can answer any request
+        json_response=True,
+        transport_security=transport_security(settings),
+    )
+
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    async def ready(_: Request) -> JSONResponse:
+        if await anyio.to_thread.run_sync(ping, engine):
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable", "checks": {"database": False}}, status_code=503)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        # A mounted app's own lifespan never runs, so the parent runs the session manager.
+        try:
+            async with server.session_manager.run():
+                yield
+        finally:
+            engine.dispose()
+
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/health/ready", ready, methods=["GET"]),
+            Mount("/", app=mcp_app),
+        ],
+        lifespan=lifespan,
+    )

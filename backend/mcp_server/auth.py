@@ -1,0 +1,40 @@
+"""Bearer-token verification for the MCP server: only the API's delegation tokens are accepted."""
+
+from __future__ import annotations
+
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.mcpserver.exceptions import ToolError
+
+from backend.config import MCP_ISSUER
+from backend.delegation import SCOPE, verify_delegation_token
+
+
+class DelegationTokenVerifier:
+    """`mcp.server.auth.provider.TokenVerifier`: a valid delegation token -> an AccessToken for its user."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        # HS256 verification is a few microseconds of CPU: no need for a worker thread.
+        delegation = verify_delegation_token(self._secret, token)
+        if delegation is None:
+            return None
+        return AccessToken(
+            token=token,
+            client_id=MCP_ISSUER,
+            scopes=[SCOPE],
+            expires_at=delegation.expires_at,
+            subject=delegation.user_id,
+            claims={"iss": MCP_ISSUER, "jti": delegation.token_id},
+        )
+
+
+def current_user_id() -> str:
+    """The user of the verified bearer token: the only source of identity a tool may use."""
+    token = get_access_token()
+    if token is None or not token.subject:
+        # Unreachable behind RequireAuthMiddleware; refuse rather than guess if the wiring changes.
+        raise ToolError("not authenticated")
+    return token.subject

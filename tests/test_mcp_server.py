@@ -1,0 +1,449 @@
+"""The MCP task server over real HTTP, driven by real MCP clients (the mcp SDK and the Agents SDK)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import httpx2
+import jwt
+import pytest
+from agents.mcp import MCPServerStreamableHttp
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from backend import __version__
+from backend.cli import mint_user_token
+from backend.config import MCP_AUDIENCE, MCP_ISSUER, Settings
+from backend.db import make_engine
+from backend.delegation import mint_delegation_token
+from backend.mcp_server.app import create_mcp_app
+from backend.models import Task
+from backend.pgserver import with_database
+from tests.conftest import TEST_MCP_SECRET, make_settings
+from tests.support.servers import free_port, run_process, serve_in_thread
+
+TOOLS = {"add_task", "list_tasks", "complete_task", "update_task", "delete_task"}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@dataclass
+class Running:
+    base: str
+    url: str
+    settings: Settings
+
+
+@pytest.fixture
+def server(database_url: str) -> Iterator[Running]:
+    port = free_port()
+    settings = make_settings(
+        database_url, mcp_url=f"http://127.0.0.1:{port}/mcp", mcp_allowed_hosts=["mcp", "tasks.internal:9000"]
+    )
+    with serve_in_thread(create_mcp_app(settings), port=port) as base:
+        yield Running(base=base, url=f"{base}/mcp", settings=settings)
+
+
+@pytest.fixture
+def engine(server: Running) -> Iterator[Engine]:
+    eng = make_engine(server.settings)
+    yield eng
+    eng.dispose()
+
+
+def bearer(user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_delegation_token(TEST_MCP_SECRET, user)}"}
+
+
+@asynccontextmanager
+async def sdk_client(url: str, user: str) -> AsyncIterator[Client]:
+    """The mcp SDK's client; headers go on the httpx2 client handed to the streamable HTTP transport."""
+    async with (
+        httpx2.AsyncClient(headers=bearer(user)) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
+        yield client
+
+
+def error_text(result: Any) -> str:
+    assert result.is_error, result
+    text: str = result.content[0].text
+    return text
+
+
+def error_free_text(result: Any) -> str:
+    assert not result.is_error, result
+    text: str = result.content[0].text
+    return text
+
+
+def task_row(engine: Engine, task_id: int) -> Task | None:
+    with Session(engine) as session:
+        return session.get(Task, task_id)
+
+
+# --- tools: happy paths ----------------------------------------------------------------------------
+
+
+async def test_every_tool_over_the_sdk_client(server: Running, engine: Engine) -> None:
+    async with sdk_client(server.url, "alice") as client:
+        listed = await client.list_tools()
+        assert {tool.name for tool in listed.tools} == TOOLS
+        assert all(tool.description and tool.output_schema for tool in listed.tools)
+
+        milk = await client.call_tool("add_task", {"title": "  Buy milk  "})
+        assert not milk.is_error
+        assert milk.structured_content == {"task_id": milk.structured_content["task_id"], "status": "created",
+                                           "title": "Buy milk"}  # fmt: skip
+        milk_id = milk.structured_content["task_id"]
+        bread = await client.call_tool("add_task", {"title": "Bread", "description": "wholemeal"})
+        bread_id = bread.structured_content["task_id"]
+        assert bread.structured_content == {"task_id": bread_id, "status": "created", "title": "Bread"}
+        before = task_row(engine, milk_id)
+        assert before is not None
+        assert (before.user_id, before.description) == ("alice", None)
+
+        done = await client.call_tool("complete_task", {"task_id": milk_id})
+        assert done.structured_content == {"task_id": milk_id, "status": "completed", "title": "Buy milk"}
+        after = task_row(engine, milk_id)
+        assert after is not None
+        assert after.completed
+        assert after.updated_at > before.updated_at
+
+        listing = await client.call_tool("list_tasks", {})
+        tasks = listing.structured_content["tasks"]
+        assert [(t["id"], t["title"], t["description"], t["completed"]) for t in tasks] == [
+            (milk_id, "Buy milk", None, True),
+            (bread_id, "Bread", "wholemeal", False),
+        ]
+        assert all(isinstance(t["created_at"], str) for t in tasks)
+        # The text content mirrors the structured result for clients that only read text.
+        assert json.loads(error_free_text(listing)) == listing.structured_content
+
+        pending = await client.call_tool("list_tasks", {"status": "pending"})
+        assert [t["id"] for t in pending.structured_content["tasks"]] == [bread_id]
+        completed = await client.call_tool("list_tasks", {"status": "completed"})
+        assert [t["id"] for t in completed.structured_content["tasks"]] == [milk_id]
+
+        renamed = await client.call_tool("update_task", {"task_id": bread_id, "title": "Rye bread"})
+        assert renamed.structured_content == {"task_id": bread_id, "status": "updated", "title": "Rye bread"}
+        row = task_row(engine, bread_id)
+        assert row is not None
+        assert (row.title, row.description) == ("Rye bread", "wholemeal")
+        await client.call_tool("update_task", {"task_id": bread_id, "description": "from the bakery"})
+        row = task_row(engine, bread_id)
+        assert row is not None
+        assert (row.title, row.description) == ("Rye bread", "from the bakery")
+        await client.call_tool("update_task", {"task_id": bread_id, "description": ""})  # "" clears it
+        row = task_row(engine, bread_id)
+        assert row is not None
+        assert row.description is None
+
+        deleted = await client.call_tool("delete_task", {"task_id": milk_id})
+        assert deleted.structured_content == {"task_id": milk_id, "status": "deleted", "title": "Buy milk"}
+        assert task_row(engine, milk_id) is None
+        again = await client.call_tool("delete_task", {"task_id": milk_id})
+        assert error_text(again).endswith(f"task {milk_id} not found")
+        remaining = await client.call_tool("list_tasks", {"status": "all"})
+        assert [t["id"] for t in remaining.structured_content["tasks"]] == [bread_id]
+
+
+async def test_agents_sdk_client(server: Running) -> None:
+    params: Any = {"url": server.url, "headers": bearer("bob")}
+    async with MCPServerStreamableHttp(params=params, name="tasks", use_structured_content=True) as mcp:
+        tools = await mcp.list_tools()
+        assert {tool.name for tool in tools} == TOOLS
+        added = await mcp.call_tool("add_task", {"title": "Call mum", "description": "Sunday"})
+        assert not added.is_error
+        task_id = added.structured_content["task_id"]
+        assert added.structured_content == {"task_id": task_id, "status": "created", "title": "Call mum"}
+        done = await mcp.call_tool("complete_task", {"task_id": task_id})
+        assert done.structured_content["status"] == "completed"
+        listing = await mcp.call_tool("list_tasks", {"status": "completed"})
+        (task,) = listing.structured_content["tasks"]
+        assert (task["id"], task["title"], task["description"], task["completed"]) == (
+            task_id,
+            "Call mum",
+            "Sunday",
+            True,
+        )
+        missing = await mcp.call_tool("delete_task", {"task_id": task_id + 1})
+        assert error_text(missing).endswith(f"task {task_id + 1} not found")
+
+
+async def test_no_tool_schema_names_a_user(server: Running) -> None:
+    def property_names(schema: Any) -> Iterator[str]:
+        if isinstance(schema, dict):
+            for key, value in schema.items():
+                if key == "properties" and isinstance(value, dict):
+                    yield from value
+                yield from property_names(value)
+        elif isinstance(schema, list):
+            for item in schema:
+                yield from property_names(item)
+
+    async with sdk_client(server.url, "alice") as client:
+        tools = (await client.list_tools()).tools
+    assert len(tools) == len(TOOLS)
+    for tool in tools:
+        names = {name.lower() for name in property_names(tool.input_schema)}
+        assert names, tool.name
+        assert not {n for n in names if "user" in n or "owner" in n}, (tool.name, names)
+        assert "user_id" not in json.dumps(tool.input_schema)
+
+
+# --- isolation -------------------------------------------------------------------------------------
+
+
+async def test_users_cannot_touch_each_others_tasks(server: Running, engine: Engine) -> None:
+    async with sdk_client(server.url, "alice") as alice:
+        added = await alice.call_tool("add_task", {"title": "Alice's secret", "description": "private"})
+    task_id = added.structured_content["task_id"]
+    before = task_row(engine, task_id)
+    assert before is not None
+
+    missing_id = task_id + 1000
+    async with sdk_client(server.url, "mallory") as mallory:
+        for status in ("all", "pending", "completed"):
+            listing = await mallory.call_tool("list_tasks", {"status": status})
+            assert listing.structured_content == {"tasks": []}
+        # An argument naming a user is not part of any schema and changes nothing.
+        sneaky = await mallory.call_tool("list_tasks", {"user_id": "alice"})
+        assert sneaky.structured_content == {"tasks": []}
+
+        attempts = [
+            ("complete_task", {}),
+            ("update_task", {"title": "pwned"}),
+            ("update_task", {"description": "pwned"}),
+            ("delete_task", {}),
+        ]
+        for name, extra in attempts:
+            foreign = await mallory.call_tool(name, {"task_id": task_id, **extra})
+            absent = await mallory.call_tool(name, {"task_id": missing_id, **extra})
+            # Another user's task and a missing one are indistinguishable.
+            assert error_text(foreign) == f"Error executing tool {name}: task {task_id} not found"
+            assert error_text(absent) == error_text(foreign).replace(str(task_id), str(missing_id))
+            assert foreign.structured_content is None
+
+    after = task_row(engine, task_id)
+    assert after is not None
+    assert after.model_dump() == before.model_dump()  # nothing changed, not even updated_at
+    async with sdk_client(server.url, "alice") as alice:
+        listing = await alice.call_tool("list_tasks", {})
+    assert [(t["id"], t["title"], t["completed"]) for t in listing.structured_content["tasks"]] == [
+        (task_id, "Alice's secret", False)
+    ]
+
+
+# --- authentication --------------------------------------------------------------------------------
+
+
+def _forged(claims: dict[str, Any], secret: str = TEST_MCP_SECRET) -> str:
+    now = int(time.time())
+    return jwt.encode({"iat": now, "exp": now + 600, "scope": "tasks", **claims}, secret, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(lambda s: mint_delegation_token(TEST_MCP_SECRET, "alice", ttl_seconds=-60), id="expired"),
+        pytest.param(
+            lambda s: _forged({"sub": "alice", "iss": MCP_ISSUER, "aud": "some-other-service"}), id="wrong-audience"
+        ),
+        pytest.param(
+            lambda s: _forged({"sub": "alice", "aud": MCP_AUDIENCE, "iss": "someone-else"}), id="wrong-issuer"
+        ),
+        pytest.param(
+            lambda s: mint_delegation_token("another-secret-0123456789abcdef0123", "alice"), id="wrong-signature"
+        ),
+        pytest.param(lambda s: mint_user_token(s, "alice", 600), id="user-jwt"),
+        pytest.param(
+            lambda s: jwt.encode({"sub": "alice", "aud": MCP_AUDIENCE, "iss": MCP_ISSUER}, "", algorithm="none"),
+            id="alg-none",
+        ),
+        pytest.param(lambda s: "not-a-jwt", id="garbage"),
+    ],
+)
+def test_bad_tokens_are_rejected_with_401(server: Running, token: Any) -> None:
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {token(server.settings)}"}
+    response = httpx.post(server.url, json=INITIALIZE, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer ")
+
+
+def test_no_token_is_rejected_with_401(server: Running) -> None:
+    response = httpx.post(server.url, json=INITIALIZE, headers=MCP_HEADERS)
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_token"
+    # A token in another scheme is not a bearer token.
+    basic = httpx.post(server.url, json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": "Basic YTpi"})
+    assert basic.status_code == 401
+    # The valid token is accepted on the same raw request (so the 401s above are about the token).
+    ok = httpx.post(server.url, json=INITIALIZE, headers={**MCP_HEADERS, **bearer("alice")})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["result"]["serverInfo"]["name"] == "chat-backend-tasks"
+
+
+async def test_sdk_client_without_token_fails(server: Running) -> None:
+    # The SDK surfaces the 401 as an MCPError inside the transport's task-group exception group.
+    with pytest.raises(ExceptionGroup) as info:
+        async with Client(server.url) as client:
+            await client.list_tools()
+    assert info.group_contains(MCPError)
+
+
+# --- bad arguments ---------------------------------------------------------------------------------
+
+BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
+    ("add_task", {"title": ""}, "title"),
+    ("add_task", {"title": "   \t "}, "title"),
+    ("add_task", {"title": "x" * 201}, "at most 200"),
+    ("add_task", {"title": "x" * 200_000}, "at most 200"),
+    ("add_task", {"title": 42}, "title"),
+    ("add_task", {"title": ["a", "b"]}, "title"),
+    ("add_task", {"title": None}, "title"),
+    ("add_task", {}, "Field required"),
+    ("add_task", {"title": "milk\x00"}, "NUL"),
+    ("add_task", {"title": "ok", "description": "d" * 1001}, "at most 1000"),
+    ("add_task", {"title": "ok", "description": "a\x00b"}, "NUL"),
+    ("list_tasks", {"status": "done"}, "'all', 'pending' or 'completed'"),
+    ("list_tasks", {"status": 1}, "status"),
+    ("complete_task", {"task_id": 0}, "greater than 0"),
+    ("complete_task", {"task_id": -3}, "greater than 0"),
+    ("complete_task", {"task_id": "abc"}, "task_id"),
+    ("complete_task", {"task_id": 1.5}, "task_id"),
+    ("complete_task", {"task_id": 2**40}, "less than or equal to 2147483647"),
+    ("complete_task", {}, "Field required"),
+    ("update_task", {"task_id": 1}, "nothing to update"),
+    ("update_task", {"task_id": 1, "title": None, "description": None}, "nothing to update"),
+    ("update_task", {"task_id": 1, "title": "  "}, "title"),
+    ("update_task", {"task_id": 1, "description": "z" * 1001}, "at most 1000"),
+    ("update_task", {"task_id": 1, "title": "a\x00"}, "NUL"),
+    ("delete_task", {"task_id": "1; DROP TABLE task"}, "task_id"),
+    ("delete_task", {"task_id": None}, "task_id"),
+]
+
+
+async def test_bad_arguments_are_tool_errors(server: Running, engine: Engine) -> None:
+    async with sdk_client(server.url, "alice") as client:
+        for name, arguments, expected in BAD_ARGUMENTS:
+            result = await client.call_tool(name, arguments)
+            text = error_text(result)
+            assert text.startswith(f"Error executing tool {name}"), (name, arguments, text)
+            assert expected in text, (name, arguments, text)
+            assert len(text) < 2000  # a huge argument is not echoed back in full
+        # Nothing was written, and the server still works.
+        assert (await client.call_tool("list_tasks", {})).structured_content == {"tasks": []}
+        ok = await client.call_tool("add_task", {"title": "still fine"})
+        assert not ok.is_error
+    with Session(engine) as session:
+        assert [t.title for t in session.exec(select(Task).order_by(col(Task.id)))] == ["still fine"]
+
+
+# --- transport: host checks and health -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("mcp", 200),
+        ("mcp:8001", 200),
+        ("tasks.internal:9000", 200),
+        ("localhost:1234", 200),
+        ("tasks.internal:9001", 421),
+        ("evil.example", 421),
+        ("evil.example:8001", 421),
+    ],
+)
+def test_host_header_checks(server: Running, host: str, status: int) -> None:
+    headers = {**MCP_HEADERS, **bearer("alice"), "Host": host}
+    response = httpx.post(server.url, json=INITIALIZE, headers=headers)
+    assert response.status_code == status, response.text
+
+
+def test_foreign_origin_is_refused(server: Running) -> None:
+    headers = {**MCP_HEADERS, **bearer("alice"), "Origin": "http://evil.example"}
+    assert httpx.post(server.url, json=INITIALIZE, headers=headers).status_code == 403
+    local = {**MCP_HEADERS, **bearer("alice"), "Origin": "http://localhost:6274"}  # MCP Inspector's origin
+    assert httpx.post(server.url, json=INITIALIZE, headers=local).status_code == 200
+
+
+def test_health_and_ready(server: Running) -> None:
+    health = httpx.get(f"{server.base}/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "version": __version__}
+    ready = httpx.get(f"{server.base}/health/ready")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+
+
+def test_ready_is_503_without_a_database(database_url: str) -> None:
+    port = free_port()
+    missing = with_database(database_url, "no_such_database_for_mcp")
+    settings = make_settings(missing, mcp_url=f"http://127.0.0.1:{port}/mcp")
+    with serve_in_thread(create_mcp_app(settings), port=port) as base:
+        assert httpx.get(f"{base}/health").status_code == 200
+        ready = httpx.get(f"{base}/health/ready")
+        assert ready.status_code == 503
+        assert ready.json() == {"status": "unavailable", "checks": {"database": False}}
+
+
+# --- the real `chat-backend mcp` process -----------------------------------------------------------
+
+
+async def test_cli_process_serves_the_tools(database_url: str) -> None:
+    port = free_port()
+    env = {
+        "APP_ENV": "production",
+        "DATABASE_URL": database_url,
+        "MCP_URL": f"http://127.0.0.1:{port}/mcp",
+        "MCP_TOKEN_SECRET": TEST_MCP_SECRET,
+        "LOG_LEVEL": "WARNING",
+    }
+    # The token the README tells people to use: `chat-backend token --mcp --user carol`.
+    minted = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "token", "--mcp", "--user", "carol"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    token = minted.stdout.strip()
+    assert re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+", token)
+
+    with run_process(["mcp"], env, f"http://127.0.0.1:{port}/health"):
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            httpx2.AsyncClient(headers=headers) as http,
+            Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)) as client,
+        ):
+            added = await client.call_tool("add_task", {"title": "from the CLI"})
+            assert added.structured_content["status"] == "created"
+            listing = await client.call_tool("list_tasks", {})
+        assert [t["title"] for t in listing.structured_content["tasks"]] == ["from the CLI"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200
+
+    eng = make_engine(make_settings(database_url))
+    try:
+        with Session(eng) as session:
+            row = session.exec(select(Task)).one()
+        assert (row.user_id, row.title) == ("carol", "from the CLI")
+    finally:
+        eng.dispose()
