@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         if self.auth_algorithms:
             return self.auth_algorithms
         algs: list[str] = []
-        if self.auth_secret:
+        if self.resolved_auth_secret():
             algs.append("HS256")
         if self.auth_jwks_url:
             algs += ["EdDSA", "ES256", "RS256"]

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from backend import __version__
-from backend.api import chat, conversations, health
+from backend.api import chat, chatkit, conversations, health
 from backend.auth import TokenVerifier
 from backend.config import Settings
 from backend.db import make_engine
@@ -75,4 +75,5 @@ def create_app(
     app.include_router(health.router)
     app.include_router(conversations.router)
     app.include_router(chat.router)
+    app.include_router(chatkit.router)
     return app

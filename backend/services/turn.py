@@ -132,6 +132,10 @@ class McpUnavailable(Exception):
 
 def classify(exc: BaseException) -> Failure:
     """Map an exception from the run to the contract's answer. Upstream text never reaches clients."""
+    # LiteLLM wraps errors raised while streaming (MidStreamFallbackError); judge the original.
+    original = getattr(exc, "original_exception", None)
+    if isinstance(original, BaseException) and original is not exc:
+        return classify(original)
     if isinstance(exc, McpUnavailable):
         return Failure(503, "mcp_unavailable", "The task service is unavailable; try again shortly", True)
     if isinstance(exc, TimeoutError | ModelTimeoutError | openai.APITimeoutError):
@@ -174,6 +178,8 @@ class TurnInput:
     message: str
     conversation_id: uuid.UUID | None = None
     client_message_id: str | None = None
+    # Set by ChatKit, which names the user message item before the turn stores it.
+    user_message_id: uuid.UUID | None = None
 
 
 @dataclass
@@ -209,6 +215,7 @@ async def begin(deps: TurnDeps, request: TurnInput) -> BegunTurn:
             lease_seconds=settings.turn_lease_seconds,
             history_max_messages=settings.history_max_messages,
             history_max_chars=settings.history_max_chars,
+            user_message_id=request.user_message_id,
         )
     )
 

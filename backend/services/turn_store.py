@@ -74,8 +74,14 @@ def begin_turn(
     lease_seconds: float,
     history_max_messages: int,
     history_max_chars: int,
+    user_message_id: uuid.UUID | None = None,
 ) -> BegunTurn:
-    """Claim the conversation, store the user message and read the history, in one transaction."""
+    """Claim the conversation, store the user message and read the history, in one transaction.
+
+    `user_message_id` (ChatKit names its items before they are stored) is the id a new user message
+    gets; a user message of this conversation that already has it is answered again, like a repeated
+    `client_message_id` (ChatKit's retry).
+    """
     now = utcnow()
     with session_scope(engine) as session:
         if conversation_id is None and client_message_id is not None:
@@ -102,11 +108,14 @@ def begin_turn(
             conversation = found
 
         existing = None
-        if client_message_id is not None and not created:
+        keys: list[sa.ColumnElement[bool]] = []
+        if client_message_id is not None:
+            keys.append(col(Message.client_message_id) == client_message_id)
+        if user_message_id is not None:
+            keys.append(sa.and_(col(Message.id) == user_message_id, col(Message.role) == Role.user))
+        if keys and not created:
             existing = session.exec(
-                select(Message).where(
-                    Message.conversation_id == conversation.id, Message.client_message_id == client_message_id
-                )
+                select(Message).where(Message.conversation_id == conversation.id, sa.or_(*keys))
             ).first()
         if existing is not None:
             reply = _latest_reply(session, existing.id)
@@ -126,6 +135,7 @@ def begin_turn(
         if existing is None:
             conversation.last_seq += 1
             existing = Message(
+                id=user_message_id or uuid.uuid4(),
                 conversation_id=conversation.id,
                 seq=conversation.last_seq,
                 role=Role.user,

@@ -1,0 +1,177 @@
+"""The real model path: CHAT_MODEL=gemini/... through LiteLLM to a local stub speaking Gemini's REST API.
+
+Nothing is faked between the API and the stub: the agent, LitellmModel, LiteLLM's Gemini adapter,
+the MCP server and PostgreSQL are all real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import litellm
+import pytest
+from sqlalchemy import Engine, text
+
+from backend.config import Settings
+from tests.support.gemini_stub import SECRET_MARKER, GeminiStub
+from tests.support.stack import api_client, mcp_server, with_free_mcp_port
+from tests.support.tokens import auth
+
+ALICE = auth("alice")
+
+
+@pytest.fixture(scope="module")
+def gemini() -> Iterator[GeminiStub]:
+    previous = litellm.suppress_debug_info
+    litellm.suppress_debug_info = True
+    with GeminiStub(expected_api_key="test-gemini-key") as stub:
+        yield stub
+    litellm.suppress_debug_info = previous
+
+
+@pytest.fixture
+def stub(gemini: GeminiStub) -> GeminiStub:
+    gemini.reset()
+    return gemini
+
+
+@pytest.fixture
+def gemini_settings(settings: Settings, stub: GeminiStub) -> Iterator[Settings]:
+    settings = with_free_mcp_port(settings).model_copy(
+        update={
+            "chat_model": "gemini/gemini-2.5-flash",
+            "gemini_api_key": "test-gemini-key",
+            "model_api_base": stub.base_url,
+            "model_max_retries": 1,
+            "model_timeout_seconds": 1.0,
+        }
+    )
+    with mcp_server(settings):
+        yield settings
+
+
+@pytest.fixture
+async def http(gemini_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(gemini_settings) as client:
+        yield client
+
+
+def _stored(engine: Engine, conversation_id: str) -> list[tuple[str, str, str | None]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT role, status, error_code FROM message WHERE conversation_id = :c ORDER BY seq"),
+            {"c": conversation_id},
+        )
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+async def test_function_call_then_text(http: httpx.AsyncClient, stub: GeminiStub, engine: Engine) -> None:
+    stub.reply_function_call("add_task", {"title": "Buy milk"}, input_tokens=50, output_tokens=7)
+    stub.reply_text("Added task 1: Buy milk.", input_tokens=80, output_tokens=9)
+    response = await http.post("/api/chat", json={"message": "please add buy milk"}, headers=ALICE)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["response"] == "Added task 1: Buy milk."
+    assert body["model"] == "gemini/gemini-2.5-flash"
+    assert body["tool_calls"] == [
+        {
+            "name": "add_task",
+            "arguments": {"title": "Buy milk"},
+            "result": {"task_id": 1, "status": "created", "title": "Buy milk"},
+        }
+    ]
+    assert body["usage"] == {"input_tokens": 130, "output_tokens": 16, "total_tokens": 146}
+
+    first, second = stub.requests
+    assert first.api_key == "test-gemini-key"
+    assert {d["name"] for d in first.function_declarations} == {
+        "add_task",
+        "list_tasks",
+        "complete_task",
+        "update_task",
+        "delete_task",
+    }
+    assert "user_id" not in str(first.function_declarations)
+    assert "todo list" in first.system_text
+    # The tool's result went back to Gemini as a function response.
+    responses = [p for p in second.parts if "function_response" in p or "functionResponse" in p]
+    assert responses and "Buy milk" in str(responses[0])
+
+
+async def test_second_turn_sends_the_first_as_history(http: httpx.AsyncClient, stub: GeminiStub) -> None:
+    stub.reply_text("Hello Alice!")
+    stub.reply_text("You said hello.")
+    cid = (await http.post("/api/chat", json={"message": "hello"}, headers=ALICE)).json()["conversation_id"]
+    second = await http.post("/api/chat", json={"message": "what did I say?", "conversation_id": cid}, headers=ALICE)
+    assert second.json()["response"] == "You said hello."
+    request = stub.requests[-1]
+    assert request.roles == ["user", "model", "user"]
+    assert "hello" in str(request.contents[0]) and "Hello Alice!" in str(request.contents[1])
+
+
+async def test_transient_error_is_retried_by_the_sdk(http: httpx.AsyncClient, stub: GeminiStub) -> None:
+    stub.reply_error(503)
+    stub.reply_text("recovered")
+    response = await http.post("/api/chat", json={"message": "hi"}, headers=ALICE)
+    assert response.status_code == 200
+    assert response.json()["response"] == "recovered"
+    assert len(stub.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retryable"),
+    [(429, "model_rate_limited", True), (500, "model_error", True), (400, "model_error", False)],
+)
+async def test_provider_errors_are_mapped_and_the_message_kept(
+    http: httpx.AsyncClient, stub: GeminiStub, engine: Engine, status: int, code: str, retryable: bool
+) -> None:
+    for _ in range(3):  # more than the retries
+        stub.reply_error(status)
+    response = await http.post("/api/chat", json={"message": "hi", "client_message_id": "k1"}, headers=ALICE)
+    assert response.status_code == 502
+    body = response.json()
+    assert (body["code"], body["retryable"]) == (code, retryable)
+    assert SECRET_MARKER not in response.text
+    assert _stored(engine, body["conversation_id"]) == [("user", "complete", None), ("assistant", "error", code)]
+
+    # The same client_message_id re-runs the turn once the provider is back, without a second user message.
+    stub.reset()
+    stub.reply_text("now it works")
+    retry = await http.post(
+        "/api/chat",
+        json={"message": "hi", "client_message_id": "k1", "conversation_id": body["conversation_id"]},
+        headers=ALICE,
+    )
+    assert retry.status_code == 200
+    assert [row[0] for row in _stored(engine, body["conversation_id"])] == ["user", "assistant", "assistant"]
+
+
+async def test_bad_key_is_an_auth_failure(http: httpx.AsyncClient, gemini_settings: Settings) -> None:
+    settings = gemini_settings.model_copy(update={"gemini_api_key": "wrong-key"})
+    async with api_client(settings) as client:
+        response = await client.post("/api/chat", json={"message": "hi"}, headers=ALICE)
+    assert response.status_code == 502
+    assert response.json()["code"] == "model_auth_failed"
+    assert "wrong-key" not in response.text
+
+
+async def test_model_timeout_is_504(http: httpx.AsyncClient, stub: GeminiStub, engine: Engine) -> None:
+    stub.reply_delay(3)
+    stub.reply_delay(3)
+    response = await http.post("/api/chat", json={"message": "hi"}, headers=ALICE)
+    assert response.status_code == 504
+    body = response.json()
+    assert body["code"] == "model_timeout" and body["retryable"] is True
+    assert _stored(engine, body["conversation_id"]) == [
+        ("user", "complete", None),
+        ("assistant", "error", "model_timeout"),
+    ]
+
+
+async def test_provider_unreachable_is_502(gemini_settings: Settings) -> None:
+    settings = gemini_settings.model_copy(update={"model_api_base": "http://127.0.0.1:9/v1beta"})
+    async with api_client(settings) as client:
+        response = await client.post("/api/chat", json={"message": "hi"}, headers=ALICE)
+    assert response.status_code == 502
+    assert response.json()["code"] == "model_unavailable"
