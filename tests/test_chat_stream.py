@@ -163,7 +163,7 @@ async def test_failure_mid_stream_ends_with_an_error_event(stack_settings: Setti
     error = events[-1]
     assert error == {"type": "error", "code": "model_error", "message": error["message"], "retryable": True}
     assert "SECRET" not in json.dumps(events)
-    user, assistant = stored(engine, events[0]["conversation_id"])
+    _user, assistant = stored(engine, events[0]["conversation_id"])
     assert assistant["status"] == "error" and assistant["error_code"] == "model_error"
     assert assistant["content"] == events[1]["token"] + events[2]["token"]
 

@@ -104,7 +104,7 @@ def test_readiness_reports_mcp_down(database_url: str) -> None:
 
 
 def test_readiness_reports_database_down(database_url: str) -> None:
-    with stack(database_url) as (env, base):
+    with stack(database_url) as (_env, base):
         assert httpx.get(f"{base}/health/ready").status_code == 200
     broken = database_url.rsplit("/", 1)[0] + "/no_such_database"
     with stack(broken) as (_, base):
