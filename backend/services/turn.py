@@ -36,6 +36,7 @@ from agents import (
 )
 from agents.exceptions import ModelTimeoutError
 from agents.items import ToolCallItem, ToolCallOutputItem
+from mcp.shared.exceptions import MCPError
 from openai.types.responses import ResponseTextDeltaEvent
 from sqlalchemy import Engine
 
@@ -127,7 +128,10 @@ class Failure:
 
 
 class McpUnavailable(Exception):
-    """The MCP server could not be reached (or refused the connection) at the start of the turn."""
+    """The MCP server could not be reached (or refused the connection) at the start of the turn.
+
+    A failure later in the turn (the server went away between tool calls) surfaces as `MCPError`.
+    """
 
 
 def classify(exc: BaseException) -> Failure:
@@ -136,7 +140,7 @@ def classify(exc: BaseException) -> Failure:
     original = getattr(exc, "original_exception", None)
     if isinstance(original, BaseException) and original is not exc:
         return classify(original)
-    if isinstance(exc, McpUnavailable):
+    if isinstance(exc, McpUnavailable | MCPError):
         return Failure(503, "mcp_unavailable", "The task service is unavailable; try again shortly", True)
     if isinstance(exc, TimeoutError | ModelTimeoutError | openai.APITimeoutError):
         return Failure(504, "model_timeout", "The model took too long to answer; try again", True)

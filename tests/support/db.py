@@ -15,18 +15,23 @@ from alembic import command
 from psycopg2 import sql
 
 from backend.cli import alembic_config
-from backend.pgserver import start_embedded, tcp_reachable, with_database
+from backend.pgserver import start_embedded, stop_embedded, tcp_reachable, with_database
 
 ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_DIR = ROOT / ".data" / "test"
 
 
-def admin_url() -> str:
-    """libpq URL of a maintenance database on the test server."""
+def admin_url() -> tuple[str, bool]:
+    """libpq URL of a maintenance database on the test server, and whether we started it."""
     if url := os.environ.get("TEST_DATABASE_URL"):
-        return url
+        return url, False
     if tcp_reachable("127.0.0.1", 5432):
-        return "postgresql://postgres@127.0.0.1:5432/postgres"
-    return start_embedded(ROOT / ".data" / "test")
+        return "postgresql://postgres@127.0.0.1:5432/postgres", False
+    return start_embedded(EMBEDDED_DIR), True
+
+
+def stop_test_server() -> None:
+    stop_embedded(EMBEDDED_DIR)
 
 
 def _admin(url: str) -> psycopg2.extensions.connection:

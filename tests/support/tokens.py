@@ -19,4 +19,5 @@ def user_token(sub: str | None = "alice", *, secret: str = TEST_AUTH_SECRET, ttl
 
 
 def auth(sub: str = "alice") -> dict[str, str]:
-    return {"Authorization": f"Bearer {user_token(sub)}"}
+    # Module-level headers live as long as the whole suite: give them hours, not minutes.
+    return {"Authorization": f"Bearer {user_token(sub, ttl=6 * 3600)}"}
