@@ -470,3 +470,28 @@ async def test_mcp_dying_mid_turn_is_503(settings: Settings, engine: Engine) -> 
     assert response.status_code == 503
     assert response.json()["code"] == "mcp_unavailable"
     assert [m["status"] for m in messages(engine, response.json()["conversation_id"])] == ["complete", "error"]
+
+
+async def test_running_turn_renews_its_lease(stack_settings: Settings, engine: Engine) -> None:
+    """A turn that outlives the lease period keeps the conversation: its lease is renewed, not expired."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(call: ModelCall) -> Any:
+        entered.set()
+        await release.wait()
+        return [assistant_message("finally")]
+
+    model = ScriptedModel([[assistant_message("hi")], ModelStep.respond(hold)])
+    settings = stack_settings.model_copy(update={"turn_lease_seconds": 0.6})
+    async with api_client(settings, model_factory=lambda: model) as http:
+        cid = (await say(http, "hi")).json()["conversation_id"]
+        running = asyncio.create_task(say(http, "slow", cid))
+        await asyncio.wait_for(entered.wait(), 10)
+        await asyncio.sleep(1.5)  # two and a half lease periods
+        blocked = await say(http, "now?", cid)
+        release.set()
+        assert (await running).status_code == 200
+    assert blocked.status_code == 409
+    with engine.connect() as conn:
+        lease = conn.execute(text("SELECT turn_id, turn_lease_until FROM conversation WHERE id = :c"), {"c": cid}).one()
+    assert tuple(lease) == (None, None)  # released at the end of the turn
