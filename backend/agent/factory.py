@@ -93,7 +93,7 @@ def make_mcp_server(settings: Settings, delegation_token: str) -> MCPServerStrea
             "sse_read_timeout": settings.mcp_timeout_seconds,
             "httpx_client_factory": _mcp_http_client,
         },
-        cache_tools_list=False,
+        cache_tools_list=True,  # one list_tools per turn, not one per model call (a fresh server per turn)
         client_session_timeout_seconds=settings.mcp_timeout_seconds,
         max_retry_attempts=1,
         use_structured_content=True,
