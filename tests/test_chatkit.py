@@ -533,6 +533,12 @@ async def test_message_while_a_turn_runs_is_an_error_event(
         "message": "A reply is already being generated in this conversation",
         "allow_retry": True,
     }
+    # A retry would remove the running turn's message: refused the same way.
+    first_user = (await call(http, "items.list", thread_id=tid, order="asc"))["data"][0]["id"]
+    retry = await stream(
+        http, {"type": "threads.retry_after_item", "params": {"thread_id": tid, "item_id": first_user}}
+    )
+    assert retry[-1]["type"] == "error" and retry[-1]["message"] == blocked[-1]["message"]
     release.set()
     assert answer_of(await running)["content"][0]["text"] == "done"
     # Nothing interleaved: the refused message was not stored.

@@ -8,7 +8,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
+from tests.conftest import make_settings
 from tests.support import seed
+from tests.support.stack import api_client
 from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
@@ -178,3 +180,18 @@ async def test_health(client: httpx.AsyncClient) -> None:
     body = (await client.get("/health")).json()
     assert body["status"] == "ok"
     assert body["version"]
+
+
+async def test_cors_preflight_only_for_configured_origins(database_url: str) -> None:
+    settings = make_settings(database_url, cors_origins="http://localhost:3000")
+    async with api_client(settings) as http:
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
+        ok = await http.options("/chatkit", headers={"Origin": "http://localhost:3000", **preflight})
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        evil = await http.options("/chatkit", headers={"Origin": "http://evil.test", **preflight})
+        assert "access-control-allow-origin" not in evil.headers

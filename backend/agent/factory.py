@@ -12,8 +12,11 @@ from typing import Any
 
 import httpx2
 from agents import Agent, Model, ModelSettings, retry_policies
+from agents.exceptions import UserError
 from agents.mcp import MCPServerStreamableHttp
 from agents.retry import ModelRetryBackoffSettings, ModelRetrySettings
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult
 
 from backend.agent.offline import OfflineModel
 from backend.config import OFFLINE_MODEL, Settings
@@ -82,9 +85,29 @@ def _mcp_http_client(
     return httpx2.AsyncClient(**kwargs)
 
 
+class McpUnavailable(Exception):
+    """The MCP server could not be reached, or went away during the turn (answered 503)."""
+
+
+class TaskServer(MCPServerStreamableHttp):
+    """Marks transport failures of the task server as such.
+
+    The SDK reports a lost connection as a plain `UserError` with its cause stripped (so no URL or
+    credential leaks); re-raising it as `McpUnavailable` lets the turn answer 503, not 502.
+    """
+
+    async def call_tool(
+        self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None = None
+    ) -> CallToolResult:
+        try:
+            return await super().call_tool(tool_name, arguments, meta)
+        except (UserError, MCPError) as exc:
+            raise McpUnavailable(f"tool call {tool_name} failed") from exc
+
+
 def make_mcp_server(settings: Settings, delegation_token: str) -> MCPServerStreamableHttp:
     """The task tools, acting for exactly the user the delegation token names."""
-    return MCPServerStreamableHttp(
+    return TaskServer(
         name="tasks",
         params={
             "url": settings.mcp_url,
@@ -97,6 +120,9 @@ def make_mcp_server(settings: Settings, delegation_token: str) -> MCPServerStrea
         client_session_timeout_seconds=settings.mcp_timeout_seconds,
         max_retry_attempts=1,
         use_structured_content=True,
+        # A transport failure (the server went away) fails the turn with 503 instead of becoming a
+        # tool message the model would apologise for; tool *errors* ("task 7 not found") still reach it.
+        failure_error_function=None,
     )
 
 

@@ -5,19 +5,17 @@ Both run the same turn service; they differ only in how its events reach the cli
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import anyio
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from backend.deps import CurrentUser, TurnDepsDep
 from backend.errors import ApiError
 from backend.models import ChatRequest, ChatResponse, ToolCallOut, Usage
+from backend.services.streaming import SSE_HEADERS, with_heartbeats
 from backend.services.turn import CompleteEvent, ErrorEvent, TurnEvent, TurnInput, begin, event_dict, run_turn
 
 router = APIRouter(prefix="/api/chat", tags=["chat"])
@@ -29,8 +27,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "The task (MCP) server is unavailable"},
     504: {"description": "The model timed out"},
 }
-
-SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
 def _input(body: ChatRequest, user_id: str) -> TurnInput:
@@ -75,44 +71,6 @@ async def chat_stream(body: ChatRequest, user_id: CurrentUser, deps: TurnDepsDep
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
-
-
-async def with_heartbeats(
-    events: Callable[[], AsyncIterator[TurnEvent]], interval: float
-) -> AsyncIterator[TurnEvent | None]:
-    """Yield the turn's events, and None whenever `interval` passes without one.
-
-    The turn runs in a task of its own (its MCP connection must open and close in one task); when
-    the client goes away this generator is closed, the task is cancelled, and the turn stores its
-    partial answer as aborted before this returns.
-    """
-    queue: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
-    done = object()
-
-    async def produce() -> None:
-        try:
-            async for event in events():
-                await queue.put(event)
-        finally:
-            queue.put_nowait(done)  # type: ignore[arg-type]
-
-    task = asyncio.create_task(produce())
-    try:
-        while True:
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=interval)
-            except TimeoutError:
-                yield None
-                continue
-            if item is done:
-                break
-            yield item
-        await task  # surfaces an unexpected crash of the producer
-    finally:
-        if not task.done():
-            task.cancel()
-            with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def _sse(events: Callable[[], AsyncIterator[TurnEvent]], heartbeat: float) -> AsyncIterator[str]:

@@ -8,8 +8,8 @@ be known before a stream starts are real HTTP statuses with our `{"detail", "cod
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 from chatkit.server import StreamingResult
 from chatkit.store import NotFoundError
@@ -19,12 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from backend.api.chat import SSE_HEADERS, with_heartbeats
 from backend.deps import CurrentUser, TurnDepsDep
 from backend.errors import ApiError, not_found
 from backend.services.chatkit_server import TaskChatKitServer
 from backend.services.chatkit_store import ChatKitContext
-from backend.services.turn import TurnEvent
+from backend.services.streaming import SSE_HEADERS, with_heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +70,11 @@ def _error_line(message: str, retryable: bool) -> bytes:
 
 
 async def _sse(result: StreamingResult, heartbeat: float) -> AsyncIterator[bytes]:
-    # with_heartbeats only queues what it is given (it is annotated for turn events): here it runs
-    # the whole ChatKit pipeline in a task of its own and sends comment heartbeats meanwhile; when
-    # the client goes away it cancels that task, and the turn stores its partial answer as aborted.
-    chunks = cast("Callable[[], AsyncIterator[TurnEvent]]", lambda: result.json_events)
+    # The whole ChatKit pipeline runs in a task of its own, with comment heartbeats meanwhile; when
+    # the client goes away that task is cancelled, and the turn stores its partial answer as aborted.
     try:
-        async for chunk in with_heartbeats(chunks, heartbeat):
-            yield b": heartbeat\n\n" if chunk is None else cast(bytes, chunk)
+        async for chunk in with_heartbeats(lambda: result.json_events, heartbeat):
+            yield b": heartbeat\n\n" if chunk is None else chunk
     except NotFoundError:  # e.g. the thread was deleted between our checks and the stream
         yield _error_line(not_found().detail, False)
     except ApiError as exc:  # e.g. a retry while another turn runs (409)

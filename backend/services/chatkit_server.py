@@ -47,10 +47,10 @@ from chatkit.types import (
 from chatkit.types import ErrorEvent as ChatKitError
 from pydantic import TypeAdapter
 
-from backend.api.chat import with_heartbeats
 from backend.errors import ApiError
 from backend.models import MessageText, utcnow
 from backend.services.chatkit_store import ChatKitContext, ConversationStore, attachments_refused, clean_title
+from backend.services.streaming import with_heartbeats
 from backend.services.turn import (
     CompleteEvent,
     StartEvent,

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from mcp.shared.exceptions import MCPError
 from openai.types.responses import ResponseTextDeltaEvent
 from sqlalchemy import Engine
 
-from backend.agent.factory import build_agent, make_mcp_server, make_model
+from backend.agent.factory import McpUnavailable, build_agent, make_mcp_server, make_model
 from backend.config import Settings
 from backend.delegation import mint_delegation_token
 from backend.models import MessageStatus, Role
@@ -127,20 +127,13 @@ class Failure:
     retryable: bool
 
 
-class McpUnavailable(Exception):
-    """The MCP server could not be reached (or refused the connection) at the start of the turn.
-
-    A failure later in the turn (the server went away between tool calls) surfaces as `MCPError`.
-    """
-
-
 def classify(exc: BaseException) -> Failure:
     """Map an exception from the run to the contract's answer. Upstream text never reaches clients."""
     # LiteLLM wraps errors raised while streaming (MidStreamFallbackError); judge the original.
     original = getattr(exc, "original_exception", None)
     if isinstance(original, BaseException) and original is not exc:
         return classify(original)
-    if isinstance(exc, McpUnavailable | MCPError):
+    if any(isinstance(cause, McpUnavailable | MCPError) for cause in _causes(exc)):
         return Failure(503, "mcp_unavailable", "The task service is unavailable; try again shortly", True)
     if isinstance(exc, TimeoutError | ModelTimeoutError | openai.APITimeoutError):
         return Failure(504, "model_timeout", "The model took too long to answer; try again", True)
@@ -158,6 +151,15 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, ModelBehaviorError):
         return Failure(502, "model_error", "The model produced an invalid response", True)
     return Failure(502, "model_error", "The assistant failed to answer", True)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 # --- the turn -------------------------------------------------------------------------------------
