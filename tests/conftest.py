@@ -10,12 +10,15 @@ os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 import httpx
 import pytest
+from agents.testing import ScriptedModel
+from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from backend.config import Settings
 from backend.db import make_engine
 from backend.main import create_app
 from tests.support import db
+from tests.support.stack import api_client, mcp_server, with_free_mcp_port
 from tests.support.tokens import TEST_AUTH_SECRET
 
 TEST_MCP_SECRET = "test-mcp-secret-0123456789abcdef0123456789"
@@ -79,3 +82,26 @@ def engine(settings: Settings) -> Iterator[Engine]:
     eng = make_engine(settings)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def stack_settings(settings: Settings) -> Iterator[Settings]:
+    """Settings whose MCP_URL has the real MCP server behind it (loopback, a thread of this process)."""
+    settings = with_free_mcp_port(settings)
+    with mcp_server(settings):
+        yield settings
+
+
+@pytest.fixture
+def scripted() -> ScriptedModel:
+    return ScriptedModel()
+
+
+@pytest.fixture
+async def scripted_app(
+    stack_settings: Settings, scripted: ScriptedModel
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The API in process with `scripted` as its model, in front of the real MCP server."""
+    app = create_app(stack_settings, model_factory=lambda: scripted)
+    async with api_client(stack_settings, app=app) as client:
+        yield app, client

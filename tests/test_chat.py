@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,21 +21,13 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
 from backend.config import Settings
-from backend.main import create_app
 from backend.mcp_server.app import create_mcp_app
 from tests.support.servers import wait_http
-from tests.support.stack import api_client, mcp_server, with_free_mcp_port
+from tests.support.stack import api_client, with_free_mcp_port
 from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
 SECRET = "SECRET-UPSTREAM-DETAIL"
-
-
-@pytest.fixture
-def stack_settings(settings: Settings) -> Iterator[Settings]:
-    settings = with_free_mcp_port(settings)
-    with mcp_server(settings):
-        yield settings
 
 
 @pytest.fixture
@@ -138,20 +130,6 @@ async def test_long_first_message_gives_a_short_title(http: httpx.AsyncClient) -
 
 
 # --- the agent loop with a scripted model ----------------------------------------------------------
-
-
-@pytest.fixture
-def scripted() -> ScriptedModel:
-    return ScriptedModel()
-
-
-@pytest.fixture
-async def scripted_app(
-    stack_settings: Settings, scripted: ScriptedModel
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(stack_settings, model_factory=lambda: scripted)
-    async with api_client(stack_settings, app=app) as client:
-        yield app, client
 
 
 async def test_scripted_tool_calls_reach_mcp_and_history_carries_over(

@@ -5,48 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
-import pytest
-from agents.items import TResponseStreamEvent
 from sqlalchemy import Engine, text
 
 from backend.agent.offline import OfflineModel
 from backend.config import Settings
 from backend.main import create_app
+from tests.support.models import ScriptableOffline
 from tests.support.servers import serve_in_thread
-from tests.support.stack import mcp_server, with_free_mcp_port
+from tests.support.stack import with_free_mcp_port
 from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
-
-
-class ScriptableOffline(OfflineModel):
-    """The offline model, optionally stalling after N tokens, failing after N tokens, or pausing first."""
-
-    def __init__(self, *, stall_after: int | None = None, fail_after: int | None = None, pause: float = 0) -> None:
-        self.stall_after, self.fail_after, self.pause = stall_after, fail_after, pause
-
-    async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[TResponseStreamEvent]:
-        await asyncio.sleep(self.pause)
-        tokens = 0
-        async for event in super().stream_response(*args, **kwargs):
-            yield event
-            if event.type == "response.output_text.delta":
-                tokens += 1
-                if tokens == self.stall_after:
-                    await asyncio.sleep(3600)
-                if tokens == self.fail_after:
-                    raise RuntimeError("provider blew up: SECRET-UPSTREAM-DETAIL")
-
-
-@pytest.fixture
-def stack_settings(settings: Settings) -> Iterator[Settings]:
-    settings = with_free_mcp_port(settings)
-    with mcp_server(settings):
-        yield settings
 
 
 def serve_api(settings: Settings, model: OfflineModel | None = None) -> Any:

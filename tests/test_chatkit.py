@@ -17,17 +17,16 @@ from typing import Any
 import httpx
 import litellm
 import pytest
-from agents.items import TResponseStreamEvent
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
-from backend.agent.offline import OfflineModel
 from backend.config import Settings
 from backend.main import create_app
 from tests.support.gemini_stub import SECRET_MARKER, GeminiStub
+from tests.support.models import ScriptableOffline
 from tests.support.servers import serve_in_thread
-from tests.support.stack import api_client, mcp_server, with_free_mcp_port
+from tests.support.stack import api_client
 from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
@@ -116,30 +115,9 @@ def count(engine: Engine, table: str) -> int:
 
 
 @pytest.fixture
-def stack_settings(settings: Settings) -> Iterator[Settings]:
-    settings = with_free_mcp_port(settings)
-    with mcp_server(settings):
-        yield settings
-
-
-@pytest.fixture
 async def http(stack_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(stack_settings) as client:
         yield client
-
-
-@pytest.fixture
-def scripted() -> ScriptedModel:
-    return ScriptedModel()
-
-
-@pytest.fixture
-async def scripted_app(
-    stack_settings: Settings, scripted: ScriptedModel
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(stack_settings, model_factory=lambda: scripted)
-    async with api_client(stack_settings, app=app) as client:
-        yield app, client
 
 
 # --- answers: the same turn as /api/chat, as ChatKit events ----------------------------------------
@@ -545,24 +523,8 @@ async def test_message_while_a_turn_runs_is_an_error_event(
     assert [m["content"] for m in stored(engine, tid)] == ["start", "first", "slow one", "done"]
 
 
-class StallingOffline(OfflineModel):
-    """The offline model, stalling after `stall_after` tokens until told otherwise."""
-
-    def __init__(self, stall_after: int | None) -> None:
-        self.stall_after = stall_after
-
-    async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[TResponseStreamEvent]:
-        tokens = 0
-        async for event in super().stream_response(*args, **kwargs):
-            yield event
-            if event.type == "response.output_text.delta":
-                tokens += 1
-                if tokens == self.stall_after:
-                    await asyncio.sleep(3600)
-
-
 async def test_disconnect_mid_answer_stores_it_as_aborted(stack_settings: Settings, engine: Engine) -> None:
-    model = StallingOffline(stall_after=3)
+    model = ScriptableOffline(stall_after=3)
     settings = stack_settings.model_copy(update={"sse_heartbeat_seconds": 0.05})
     with serve_in_thread(create_app(settings, model_factory=lambda: model)) as base:
         seen: list[dict[str, Any]] = []

@@ -38,6 +38,8 @@ from openai.types.responses import (
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
+from backend.agent.tool_output import parse_tool_output
+
 MODEL_NAME = "offline"
 
 HELP = (
@@ -126,7 +128,7 @@ def _command(text: str, tool_names: set[str]) -> _Plan:
 
 
 def _describe(tool: str, output: Any) -> str:
-    data = _parse_output(output)
+    data = parse_tool_output(output)
     if isinstance(data, dict) and isinstance(data.get("tasks"), list):
         tasks = data["tasks"]
         if not tasks:
@@ -137,19 +139,6 @@ def _describe(tool: str, output: Any) -> str:
         verb = {"created": "Added", "completed": "Completed", "updated": "Updated", "deleted": "Deleted"}
         return f"{verb.get(str(data.get('status')), 'Done with')} task {data['task_id']}: {data.get('title')}"
     return f"That did not work: {data if isinstance(data, str) else json.dumps(data)}"
-
-
-def _parse_output(output: Any) -> Any:
-    if isinstance(output, str):
-        try:
-            parsed = json.loads(output)
-        except ValueError:
-            return output
-        # MCP text content arrives as {"type": "text", "text": "..."}; unwrap it.
-        if isinstance(parsed, dict) and parsed.get("type") == "text" and "text" in parsed:
-            return _parse_output(parsed["text"])
-        return parsed
-    return output
 
 
 def _tokens(text: str) -> int:

@@ -41,6 +41,7 @@ from openai.types.responses import ResponseTextDeltaEvent
 from sqlalchemy import Engine
 
 from backend.agent.factory import McpUnavailable, build_agent, make_mcp_server, make_model
+from backend.agent.tool_output import parse_tool_output
 from backend.config import Settings
 from backend.delegation import mint_delegation_token
 from backend.models import MessageStatus, Role
@@ -341,7 +342,7 @@ async def _run_agent(deps: TurnDeps, user_id: str, turn: BegunTurn, progress: _P
             elif isinstance(event, RunItemStreamEvent) and isinstance(event.item, ToolCallOutputItem):
                 call_id = str(_raw(event.item.raw_item).get("call_id", ""))
                 entry = progress.tool_calls.get(call_id)
-                result_value = _tool_result(event.item.output)
+                result_value = parse_tool_output(event.item.output)
                 if entry is not None:
                     entry["result"] = result_value
                 yield ToolResultEvent(call_id, entry["name"] if entry else "", result_value)
@@ -376,16 +377,3 @@ def _tool_call(item: ToolCallItem) -> dict[str, Any] | None:
     except ValueError:
         arguments = {"_raw": raw.get("arguments")}
     return {"call_id": str(raw.get("call_id")), "name": str(raw.get("name")), "arguments": arguments, "result": None}
-
-
-def _tool_result(output: Any) -> Any:
-    """Tool output as JSON when it is JSON (MCP structured content), else the text."""
-    if isinstance(output, str):
-        try:
-            parsed = json.loads(output)
-        except ValueError:
-            return output
-        if isinstance(parsed, dict) and parsed.get("type") == "text" and isinstance(parsed.get("text"), str):
-            return _tool_result(parsed["text"])
-        return parsed
-    return output
