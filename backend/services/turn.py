@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import anyio
-import httpx
 import httpx2
 import openai
 from agents import (
@@ -354,7 +353,7 @@ async def _run_agent(deps: TurnDeps, user_id: str, turn: BegunTurn, progress: _P
         }
         if not progress.text and isinstance(result.final_output, str):
             progress.text.append(result.final_output)
-    except (httpx.HTTPError, httpx2.HTTPError) as exc:
+    except httpx2.HTTPError as exc:  # the MCP client's transport (LiteLLM never raises httpx2 errors)
         raise McpUnavailable from exc
     finally:
         with anyio.CancelScope(shield=True):
