@@ -271,6 +271,18 @@ async def run_turn(deps: TurnDeps, user_id: str, turn: BegunTurn) -> AsyncIterat
                     error_code=error_code,
                 )
             )
+        # One line per turn: enough to follow latency, cost and failures without logging content.
+        log.info(
+            "turn conversation=%s message=%s status=%s%s model=%s duration_ms=%d tokens=%d tools=%s",
+            conversation_id,
+            message_id,
+            status.value,
+            f" code={error_code}" if error_code else "",
+            model_name,
+            duration,
+            progress.usage["total_tokens"],
+            ",".join(call["name"] for call in progress.calls()) or "-",
+        )
 
     renewer = asyncio.create_task(_renew_lease(engine, settings, turn))
     try:
