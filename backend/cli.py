@@ -62,6 +62,9 @@ def _serve_api(settings: Settings) -> None:
         port=settings.api_port,
         log_level=settings.log_level.lower(),
         proxy_headers=True,
+        # Longer than any load balancer's idle timeout (nginx, ALB: 60 s), so the server is never the
+        # one closing a kept-alive connection just as a request arrives on it (a reset under load).
+        timeout_keep_alive=75,
         timeout_graceful_shutdown=10,
     )
 

@@ -31,6 +31,9 @@ def configure_process(settings: Settings) -> None:
     if not settings.tracing_enabled:
         os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per MCP request at INFO would drown the one line per turn.
+    for noisy in ("httpx", "httpx2", "LiteLLM"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def create_app(

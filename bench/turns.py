@@ -139,7 +139,7 @@ async def concurrent(base: str, settings: Settings, users: int, rounds: int) -> 
                     headers=tokens[i],
                 )
             except httpx.HTTPError as exc:
-                print(f"  request failed: {exc!r}")
+                print(f"  request failed: {exc!r} round={r} after={time.perf_counter() - start:.2f}s")
                 errors += 1
                 return
             all_ms.append((time.perf_counter() - start) * 1000)
@@ -208,7 +208,7 @@ def main() -> None:
         "CHAT_MODEL": "offline",
         "MCP_URL": f"http://127.0.0.1:{mcp_port}/mcp",
         "API_PORT": str(api_port),
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
     }
     settings = Settings(_env_file=None, database_url=env["DATABASE_URL"], auth_secret=env["AUTH_SECRET"])  # type: ignore[call-arg]
     migrate(settings)
