@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,13 +26,13 @@ class ApiError(Exception):
         self,
         status_code: int,
         code: str,
-        detail: str,
+        detail: str | list[dict[str, Any]],
         *,
         retryable: bool | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(detail)
+        super().__init__(str(detail))
         self.status_code = status_code
         self.code = code
         self.detail = detail
@@ -44,6 +45,40 @@ class ApiError(Exception):
         if self.retryable is not None:
             body["retryable"] = self.retryable
         return {**body, **self.extra}
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: FastAPI's `detail` plus a machine-readable `code`."""
+
+    detail: str | list[dict[str, Any]]
+    code: str
+    retryable: bool | None = None
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses, all with the `ErrorBody` shape."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+# What every authenticated route can answer besides its own errors.
+AUTH_ERRORS = (400, 401, 413, 422)
+
+_DESCRIPTIONS = {
+    400: "Malformed request body",
+    401: "Missing or invalid bearer token (with `WWW-Authenticate: Bearer`)",
+    404: "No such conversation for this user",
+    409: "A turn is already running on this conversation",
+    413: "Request body too large",
+    422: "Invalid input; `detail` lists the problems",
+    502: "The model or its provider failed",
+    503: "A dependency (the MCP server, the identity provider's keys) is unavailable",
+    504: "The model timed out",
+}
+
+
+def invalid(location: str, name: str, message: str, code: str) -> ApiError:
+    """A 422 for a value only the service can judge, shaped like FastAPI's validation errors."""
+    return ApiError(422, code, [{"loc": [location, name], "msg": message, "type": code}])
 
 
 def not_found(what: str = "Conversation") -> ApiError:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
+import pydantic
 import sqlalchemy as sa
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 from sqlalchemy.dialects.postgresql import JSONB
@@ -113,7 +114,13 @@ def no_nul(value: str) -> str:
     return value
 
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(no_nul)]
+# Documented in the schema too, so generated clients (and fuzzers) know NUL is refused.
+NO_NUL = pydantic.Field(json_schema_extra={"pattern": "^[^\\x00]*$"})
+NOT_BLANK = pydantic.Field(json_schema_extra={"pattern": "^[^\\x00]*[^\\s\\x00][^\\x00]*$"})
+
+Title = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(no_nul), NOT_BLANK
+]
 
 
 class ToolCallOut(BaseModel):
@@ -172,9 +179,12 @@ class ConversationDetail(BaseModel):
 MAX_MESSAGE_CHARS = 8000
 
 MessageText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS), AfterValidator(no_nul)
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS),
+    AfterValidator(no_nul),
+    NOT_BLANK,
 ]
-ClientMessageId = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(no_nul)]
+ClientMessageId = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(no_nul), NO_NUL]
 
 
 class ChatRequest(BaseModel):

@@ -7,26 +7,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from backend.deps import CurrentUser, TurnDepsDep
-from backend.errors import ApiError
+from backend.errors import AUTH_ERRORS, ApiError, error_responses
 from backend.models import ChatRequest, ChatResponse, ToolCallOut, Usage
 from backend.services.streaming import SSE_HEADERS, with_heartbeats
 from backend.services.turn import CompleteEvent, ErrorEvent, TurnEvent, TurnInput, begin, event_dict, run_turn
 
-router = APIRouter(prefix="/api/chat", tags=["chat"])
+router = APIRouter(prefix="/api/chat", tags=["chat"], responses=error_responses(*AUTH_ERRORS))
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "No such conversation for this user"},
-    409: {"description": "A turn is already running on this conversation"},
-    502: {"description": "The model or its provider failed"},
-    503: {"description": "The task (MCP) server is unavailable"},
-    504: {"description": "The model timed out"},
-}
+ERRORS = error_responses(404, 409, 502, 503, 504)
 
 
 def _input(body: ChatRequest, user_id: str) -> TurnInput:

@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from backend.deps import CurrentUser, TurnDepsDep
-from backend.errors import ApiError, not_found
+from backend.errors import AUTH_ERRORS, ApiError, error_responses, not_found
 from backend.services.chatkit_server import TaskChatKitServer
 from backend.services.chatkit_store import ChatKitContext
 from backend.services.streaming import SSE_HEADERS, with_heartbeats
@@ -37,10 +37,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"application/json": {}, "text/event-stream": {}},
         "description": "A JSON body, or ChatKit thread events as SSE for streaming requests",
     },
-    400: {"description": "Attachments or an unsupported request type"},
-    401: {"description": "Missing or invalid bearer token"},
-    404: {"description": "No such thread (conversation) or item for this user"},
-    422: {"description": "Not a valid ChatKit request"},
+    **error_responses(*AUTH_ERRORS, 404, 409),
 }
 
 
@@ -76,9 +73,9 @@ async def _sse(result: StreamingResult, heartbeat: float) -> AsyncIterator[bytes
         async for chunk in with_heartbeats(lambda: result.json_events, heartbeat):
             yield b": heartbeat\n\n" if chunk is None else chunk
     except NotFoundError:  # e.g. the thread was deleted between our checks and the stream
-        yield _error_line(not_found().detail, False)
+        yield _error_line(str(not_found()), False)
     except ApiError as exc:  # e.g. a retry while another turn runs (409)
-        yield _error_line(exc.detail, bool(exc.retryable))
+        yield _error_line(str(exc), bool(exc.retryable))
     except Exception:
         log.exception("ChatKit stream failed")
         yield _error_line("The request could not be completed", True)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
 from backend.deps import CurrentUser, OwnedConversation, SessionDep
+from backend.errors import AUTH_ERRORS, error_responses
 from backend.models import ConversationDetail, ConversationPage, ConversationRename, ConversationSummary
 from backend.services import conversations as service
 
-router = APIRouter(prefix="/api/conversations", tags=["conversations"])
+router = APIRouter(prefix="/api/conversations", tags=["conversations"], responses=error_responses(*AUTH_ERRORS))
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such conversation for this user"}}
+NOT_FOUND = error_responses(404)
 
 
 @router.get("")

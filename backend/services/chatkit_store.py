@@ -35,7 +35,7 @@ from pydantic import TypeAdapter
 from sqlmodel import Session, col, select
 
 from backend.db import session_scope
-from backend.errors import ApiError
+from backend.errors import ApiError, invalid
 from backend.models import Conversation, Message, Role, Title, utcnow
 from backend.services import conversations
 from backend.services.turn import TurnDeps
@@ -199,7 +199,7 @@ class ConversationStore(Store[ChatKitContext]):
                     else None
                 )
                 if anchor is None:
-                    raise ApiError(422, "invalid_cursor", "after is not an item of this thread")
+                    raise invalid("body", "after", "after is not an item of this thread", "invalid_cursor")
                 query = query.where(Message.seq < anchor if desc else Message.seq > anchor)
             seq = col(Message.seq)
             rows = list(session.exec(query.order_by(seq.desc() if desc else seq.asc()).limit(limit + 1)).all())

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from backend.errors import ApiError
+from backend.errors import invalid
 from backend.models import (
     Conversation,
     ConversationDetail,
@@ -43,7 +43,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         data = json.loads(raw)
         return datetime.fromisoformat(data["u"]), uuid.UUID(data["i"])
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
-        raise ApiError(422, "invalid_cursor", "cursor is not valid") from exc
+        raise invalid("query", "cursor", "cursor is not valid", "invalid_cursor") from exc
 
 
 def _summary_query(user_id: str) -> sa.Select[tuple[Conversation, int, str | None]]:
@@ -101,7 +101,7 @@ def conversation_detail(
             select(Message.seq).where(Message.conversation_id == conversation.id, Message.id == before)
         ).first()
         if anchor is None:
-            raise ApiError(422, "invalid_before", "before is not a message of this conversation")
+            raise invalid("query", "before", "before is not a message of this conversation", "invalid_before")
         query = query.where(Message.seq < anchor)
     rows = list(session.exec(query.order_by(col(Message.seq).desc()).limit(limit + 1)).all())
     has_more = len(rows) > limit
