@@ -195,3 +195,20 @@ async def test_cors_preflight_only_for_configured_origins(database_url: str) -> 
         assert "authorization" in ok.headers["access-control-allow-headers"].lower()
         evil = await http.options("/chatkit", headers={"Origin": "http://evil.test", **preflight})
         assert "access-control-allow-origin" not in evil.headers
+
+
+async def test_service_422s_are_shaped_like_validation_errors(client: httpx.AsyncClient) -> None:
+    body = (await client.get("/api/conversations", params={"cursor": "bogus"}, headers=ALICE)).json()
+    assert body == {
+        "detail": [{"loc": ["query", "cursor"], "msg": "cursor is not valid", "type": "invalid_cursor"}],
+        "code": "invalid_cursor",
+    }
+
+
+async def test_openapi_documents_errors(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    chat = spec["paths"]["/api/chat"]["post"]["responses"]
+    assert {"200", "401", "404", "409", "413", "422", "502", "503", "504"} <= set(chat)
+    assert chat["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    message = spec["components"]["schemas"]["ChatRequest"]["properties"]["message"]
+    assert message["maxLength"] == 8000 and "pattern" in message
