@@ -17,6 +17,8 @@ from backend.config import MCP_AUDIENCE, MCP_ISSUER
 
 ALGORITHM = "HS256"
 SCOPE = "tasks"
+# MCP request `_meta` key: which occurrence of an identical tool call within one run this is.
+CALL_META = "chat-backend/call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +26,13 @@ class Delegation:
     user_id: str
     expires_at: int
     token_id: str
+    # The user message the turn answers: the same for every re-run of that turn (see tool_call).
+    turn: str | None = None
 
 
-def mint_delegation_token(secret: str, user_id: str, *, ttl_seconds: int = 600) -> str:
+def mint_delegation_token(secret: str, user_id: str, *, ttl_seconds: int = 600, turn: str | None = None) -> str:
     now = int(time.time())
-    claims = {
+    claims: dict[str, object] = {
         "iss": MCP_ISSUER,
         "aud": MCP_AUDIENCE,
         "sub": user_id,
@@ -37,6 +41,8 @@ def mint_delegation_token(secret: str, user_id: str, *, ttl_seconds: int = 600) 
         "exp": now + ttl_seconds,
         "jti": uuid.uuid4().hex,
     }
+    if turn is not None:
+        claims["turn"] = turn
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -57,4 +63,10 @@ def verify_delegation_token(secret: str, token: str) -> Delegation | None:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or claims.get("scope") != SCOPE:
         return None
-    return Delegation(user_id=sub, expires_at=int(claims["exp"]), token_id=str(claims.get("jti", "")))
+    turn = claims.get("turn")
+    return Delegation(
+        user_id=sub,
+        expires_at=int(claims["exp"]),
+        token_id=str(claims.get("jti", "")),
+        turn=turn if isinstance(turn, str) else None,
+    )

@@ -104,6 +104,23 @@ class Task(SQLModel, table=True):
     updated_at: datetime = _ts()
 
 
+class ToolCall(SQLModel, table=True):
+    """Owned by the MCP server: the result of a task-changing tool call, keyed by the turn and call.
+
+    A turn re-run after a failure (same user message) makes the same calls again; finding the
+    result here, the MCP server answers it instead of adding the task a second time.
+    """
+
+    __tablename__ = "tool_call"
+    __table_args__ = (sa.Index("ix_tool_call_created_at", "created_at"),)
+
+    key: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(max_length=255, nullable=False)
+    tool: str = Field(max_length=64, nullable=False)
+    result: dict[str, Any] = Field(sa_column=sa.Column(JSONB, nullable=False))
+    created_at: datetime = _ts()
+
+
 # --- public schemas -----------------------------------------------------------------------------
 
 

@@ -473,3 +473,30 @@ async def test_running_turn_renews_its_lease(stack_settings: Settings, engine: E
     with engine.connect() as conn:
         lease = conn.execute(text("SELECT turn_id, turn_lease_until FROM conversation WHERE id = :c"), {"c": cid}).one()
     assert tuple(lease) == (None, None)  # released at the end of the turn
+
+
+async def test_rerun_after_a_failure_does_not_repeat_a_task_change(
+    scripted_app: tuple[FastAPI, httpx.AsyncClient], scripted: ScriptedModel, engine: Engine
+) -> None:
+    """The tool ran, then the provider failed: the retried turn gets the recorded result, no second task."""
+    _, http = scripted_app
+    add = function_call("add_task", {"title": "Buy milk"}, call_id="c1")
+    scripted.extend(
+        [[add], litellm.InternalServerError("down", "gemini", "x")]
+        + [litellm.InternalServerError("down", "gemini", "x")] * 3
+    )
+    failed = await say(http, "add buy milk", client_message_id="m-1")
+    assert failed.status_code == 502
+    cid = failed.json()["conversation_id"]
+    assert len(tasks(engine, "alice")) == 1
+
+    scripted.extend([[function_call("add_task", {"title": "Buy milk"}, call_id="c2")], [assistant_message("Added.")]])
+    retried = await say(http, "add buy milk", cid, client_message_id="m-1")
+    assert retried.status_code == 200
+    assert retried.json()["tool_calls"][0]["result"] == {"task_id": 1, "status": "created", "title": "Buy milk"}
+    assert tasks(engine, "alice") == [{"id": 1, "title": "Buy milk", "description": None, "completed": False}]
+
+    # A new message asking the same thing is a new turn: it does add again.
+    scripted.extend([[function_call("add_task", {"title": "Buy milk"}, call_id="c3")], [assistant_message("Added.")]])
+    assert (await say(http, "add buy milk", cid)).status_code == 200
+    assert len(tasks(engine, "alice")) == 2

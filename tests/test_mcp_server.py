@@ -28,7 +28,7 @@ from backend import __version__
 from backend.cli import mint_user_token
 from backend.config import MCP_AUDIENCE, MCP_ISSUER, Settings
 from backend.db import make_engine
-from backend.delegation import mint_delegation_token
+from backend.delegation import CALL_META, mint_delegation_token
 from backend.mcp_server.app import create_mcp_app
 from backend.models import Task
 from backend.pgserver import with_database
@@ -447,3 +447,54 @@ async def test_cli_process_serves_the_tools(database_url: str) -> None:
         assert (row.user_id, row.title) == ("carol", "from the CLI")
     finally:
         eng.dispose()
+
+
+# --- a re-run turn does not repeat its task changes ---------------------------------------------------
+
+
+@asynccontextmanager
+async def turn_client(url: str, user: str, turn: str | None) -> AsyncIterator[Client]:
+    token = mint_delegation_token(TEST_MCP_SECRET, user, turn=turn)
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
+        yield client
+
+
+def task_count(engine: Engine, user: str) -> int:
+    with Session(engine) as session:
+        return len(session.exec(select(Task).where(col(Task.user_id) == user)).all())
+
+
+async def test_same_turn_and_call_is_done_once(server: Running, engine: Engine) -> None:
+    add = {"title": "Buy milk"}
+    async with turn_client(server.url, "alice", "turn-1") as first_run:
+        first = (await first_run.call_tool("add_task", add, meta={CALL_META: 0})).structured_content
+        second_of_run = (await first_run.call_tool("add_task", add, meta={CALL_META: 1})).structured_content
+    assert first != second_of_run  # "add it twice" in one run adds two
+    async with turn_client(server.url, "alice", "turn-1") as rerun:  # the turn re-run with a new token
+        again = (await rerun.call_tool("add_task", add, meta={CALL_META: 0})).structured_content
+        deleted = await rerun.call_tool("delete_task", {"task_id": first["task_id"]}, meta={CALL_META: 0})
+        deleted_again = await rerun.call_tool("delete_task", {"task_id": first["task_id"]}, meta={CALL_META: 0})
+    assert again == first
+    assert task_count(engine, "alice") == 1  # the second task of the first run; the first was deleted once
+    # The recorded answer comes back, not "task N not found".
+    assert deleted.structured_content == deleted_again.structured_content == {**first, "status": "deleted"}
+
+
+async def test_replay_key_is_bound_to_user_turn_and_arguments(server: Running, engine: Engine) -> None:
+    add = {"title": "Water plants"}
+    async with turn_client(server.url, "alice", "turn-9") as alice:
+        original = (await alice.call_tool("add_task", add, meta={CALL_META: 0})).structured_content
+        other_args = (await alice.call_tool("add_task", {"title": "Feed cat"}, meta={CALL_META: 0})).structured_content
+    async with turn_client(server.url, "alice", "turn-10") as next_turn:
+        next_result = (await next_turn.call_tool("add_task", add, meta={CALL_META: 0})).structured_content
+    async with turn_client(server.url, "bob", "turn-9") as bob:
+        bobs = (await bob.call_tool("add_task", add, meta={CALL_META: 0})).structured_content
+    async with turn_client(server.url, "alice", None) as no_turn:  # a hand-minted token: no replay
+        plain = [(await no_turn.call_tool("add_task", add, meta={CALL_META: 0})).structured_content for _ in range(2)]
+    ids = {original["task_id"], other_args["task_id"], next_result["task_id"], bobs["task_id"]}
+    ids |= {p["task_id"] for p in plain}
+    assert len(ids) == 6
+    assert task_count(engine, "alice") == 5 and task_count(engine, "bob") == 1

@@ -6,7 +6,9 @@ each turn is cheap and keeps every request independent of the last one.
 
 from __future__ import annotations
 
+import json
 import ssl
+from collections import Counter
 from functools import cache
 from typing import Any
 
@@ -20,6 +22,7 @@ from mcp_types import CallToolResult
 
 from backend.agent.offline import OfflineModel
 from backend.config import OFFLINE_MODEL, Settings
+from backend.delegation import CALL_META
 
 INSTRUCTIONS = """\
 You are a friendly, concise assistant that manages the user's todo list.
@@ -90,15 +93,26 @@ class McpUnavailable(Exception):
 
 
 class TaskServer(MCPServerStreamableHttp):
-    """Marks transport failures of the task server as such.
+    """The task server as one run sees it.
 
-    The SDK reports a lost connection as a plain `UserError` with its cause stripped (so no URL or
-    credential leaks); re-raising it as `McpUnavailable` lets the turn answer 503, not 502.
+    Marks each call with its occurrence among identical calls (see `tool_call`), and marks transport
+    failures as such: the SDK reports a lost connection as a plain `UserError` with its cause
+    stripped (so no URL or credential leaks); re-raising it as `McpUnavailable` answers 503, not 502.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._calls: Counter[str] = Counter()
 
     async def call_tool(
         self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None = None
     ) -> CallToolResult:
+        # Number identical calls within this run (one server per run): a re-run of the turn that
+        # makes the same calls gets the recorded results instead of adding a task twice.
+        signature = json.dumps([tool_name, arguments], sort_keys=True, default=str)
+        occurrence = self._calls[signature]
+        self._calls[signature] += 1
+        meta = {**(meta or {}), CALL_META: occurrence}
         try:
             return await super().call_tool(tool_name, arguments, meta)
         except (UserError, MCPError) as exc:

@@ -27,7 +27,7 @@ class DelegationTokenVerifier:
             scopes=[SCOPE],
             expires_at=delegation.expires_at,
             subject=delegation.user_id,
-            claims={"iss": MCP_ISSUER, "jti": delegation.token_id},
+            claims={"iss": MCP_ISSUER, "jti": delegation.token_id, "turn": delegation.turn},
         )
 
 

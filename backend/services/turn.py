@@ -328,7 +328,12 @@ async def _renew_lease(engine: Engine, settings: Settings, turn: BegunTurn) -> N
 
 async def _run_agent(deps: TurnDeps, user_id: str, turn: BegunTurn, progress: _Progress) -> AsyncIterator[TurnEvent]:
     settings = deps.settings
-    token = mint_delegation_token(settings.resolved_mcp_secret(), user_id, ttl_seconds=settings.mcp_token_ttl_seconds)
+    token = mint_delegation_token(
+        settings.resolved_mcp_secret(),
+        user_id,
+        ttl_seconds=settings.mcp_token_ttl_seconds,
+        turn=str(turn.user_message_id),  # the same for every re-run of this turn
+    )
     mcp_server = make_mcp_server(settings, token)
     try:
         await mcp_server.connect()  # type: ignore[no-untyped-call]
