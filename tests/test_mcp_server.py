@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ from agents.mcp import MCPServerStreamableHttp
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
 
 from backend import __version__
@@ -30,6 +31,7 @@ from backend.config import MCP_AUDIENCE, MCP_ISSUER, Settings
 from backend.db import make_engine
 from backend.delegation import CALL_META, mint_delegation_token
 from backend.mcp_server.app import create_mcp_app
+from backend.mcp_server.tools import purge_tool_calls
 from backend.models import Task
 from backend.pgserver import with_database
 from tests.conftest import TEST_MCP_SECRET, make_settings
@@ -498,3 +500,17 @@ async def test_replay_key_is_bound_to_user_turn_and_arguments(server: Running, e
     ids |= {p["task_id"] for p in plain}
     assert len(ids) == 6
     assert task_count(engine, "alice") == 5 and task_count(engine, "bob") == 1
+
+
+def test_old_tool_call_records_are_purged(server: Running, engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tool_call (key, user_id, tool, result, created_at) VALUES "
+                "('old', 'alice', 'add_task', '{}', now() - interval '3 days'), "
+                "('new', 'alice', 'add_task', '{}', now())"
+            )
+        )
+    assert purge_tool_calls(engine, timedelta(days=2)) == 1
+    with engine.connect() as conn:
+        assert [row[0] for row in conn.execute(text("SELECT key FROM tool_call"))] == ["new"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal, cast, get_args
 
+import anyio
 import anyio.to_thread
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
@@ -21,7 +23,9 @@ from backend.config import Settings
 from backend.db import make_engine, ping
 from backend.delegation import SCOPE
 from backend.mcp_server.auth import DelegationTokenVerifier
-from backend.mcp_server.tools import register_tools
+from backend.mcp_server.tools import purge_tool_calls, register_tools
+
+log = logging.getLogger(__name__)
 
 INSTRUCTIONS = (
     "Manage the signed-in user's to-do list: add_task, list_tasks, complete_task, update_task, delete_task. "
@@ -84,12 +88,22 @@ def create_mcp_app(settings: Settings) -> Starlette:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "unavailable", "checks": {"database": False}}, status_code=503)
 
+    async def purge_hourly() -> None:
+        while True:
+            try:
+                await anyio.to_thread.run_sync(purge_tool_calls, engine)
+            except Exception:  # the database may be briefly away; try again next hour
+                log.warning("could not purge old tool_call rows", exc_info=True)
+            await anyio.sleep(3600)
+
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         # A mounted app's own lifespan never runs, so the parent runs the session manager.
         try:
-            async with server.session_manager.run():
+            async with server.session_manager.run(), anyio.create_task_group() as tasks:
+                tasks.start_soon(purge_hourly)
                 yield
+                tasks.cancel_scope.cancel()
         finally:
             engine.dispose()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio.to_thread
@@ -177,6 +177,16 @@ def _once(
             if done is None:
                 raise
             return TaskChange.model_validate(done.result)
+
+
+# A turn is re-run within minutes of its failure; its recorded calls are not needed for longer.
+TOOL_CALL_RETENTION = timedelta(days=2)
+
+
+def purge_tool_calls(engine: Engine, older_than: timedelta = TOOL_CALL_RETENTION) -> int:
+    with session_scope(engine) as session:
+        result = session.execute(delete(ToolCall).where(col(ToolCall.created_at) < func.now() - older_than))
+        return int(getattr(result, "rowcount", 0))
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
