@@ -63,7 +63,8 @@ _COMMANDS: list[tuple[str, re.Pattern[str]]] = [
         ("complete_task", rf"^(?:complete|finish|check off|tick off|mark)\s+{_ID}(?:\s+(?:as\s+)?{_DONE})?$"),
         ("complete_task", rf"^{_ID}\s+(?:is\s+)?{_DONE}$"),
         ("delete_task", rf"^(?:delete|remove|drop|cancel)\s+{_ID}$"),
-        ("list_tasks", r"^(?:show|list|display|what(?:'s| are| is)?|get|see|view)\b.*\btasks?\b.*$"),
+        ("list_tasks", r"^(?:show|list|display|what(?:'s| are| is)?|get|see|view)\b.*\b(?:tasks?|todos?|to-dos?)\b.*$"),
+        ("list_tasks", r"^(?:list|tasks|todos?|(?:show|what(?:'s| is)?) (?:on )?my (?:list|todo list|to-do list))\??$"),
         (
             "add_task",
             r"^(?:add|create|new|remember to|remind me to|todo:?)\s+(?:a\s+)?(?:new\s+)?(?:task\s*:?\s*)?(?:to\s+)?"
@@ -114,10 +115,7 @@ def _command(text: str, tool_names: set[str]) -> _Plan:
             continue
         groups = match.groupdict()
         if tool == "list_tasks":
-            lowered = text.lower()
-            status = "pending" if re.search(r"pending|open|todo|remaining|not done|incomplete", lowered) else "all"
-            status = "completed" if re.search(r"\b(completed|done|finished)\b", lowered) else status
-            return _Plan(tool=tool, arguments={"status": status})
+            return _Plan(tool=tool, arguments={"status": _status_filter(text.lower())})
         arguments: dict[str, Any] = {}
         if groups.get("id"):
             arguments["task_id"] = int(groups["id"])
@@ -125,6 +123,12 @@ def _command(text: str, tool_names: set[str]) -> _Plan:
             arguments["title"] = groups["title"].strip().strip("\"'")
         return _Plan(tool=tool, arguments=arguments)
     return _Plan(text=HELP)
+
+
+def _status_filter(text: str) -> str:
+    if re.search(r"pending|open|remaining|not (?:yet )?done|incomplete|unfinished", text):
+        return "pending"
+    return "completed" if re.search(r"\b(?:completed|done|finished)\b", text) else "all"
 
 
 def _describe(tool: str, output: Any) -> str:
