@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from backend import __version__
+from backend.agent.factory import warm_up
 from backend.api import chat, chatkit, conversations, health
 from backend.auth import TokenVerifier
 from backend.config import Settings
@@ -49,6 +50,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await warm_up()
         yield
         await app.state.http.aclose()
         app.state.engine.dispose()
