@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
-from agents import Model
+from agents import Model, set_tracing_disabled
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -29,8 +29,8 @@ from backend.services.turn import TurnDeps
 def configure_process(settings: Settings) -> None:
     """Process-wide switches for the libraries (no network at import, no tracing without a key)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    if not settings.tracing_enabled:
-        os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
+    # Without an OpenAI key the SDK's trace exporter would log a warning per run.
+    set_tracing_disabled(not settings.tracing_enabled)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per MCP request at INFO would drown the one line per turn.
     for noisy in ("httpx", "httpx2", "LiteLLM"):
