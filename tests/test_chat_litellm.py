@@ -6,6 +6,7 @@ the MCP server and PostgreSQL are all real.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -175,3 +176,16 @@ async def test_provider_unreachable_is_502(gemini_settings: Settings) -> None:
         response = await client.post("/api/chat", json={"message": "hi"}, headers=ALICE)
     assert response.status_code == 502
     assert response.json()["code"] == "model_unavailable"
+
+
+async def test_streamed_turn_through_litellm(http: httpx.AsyncClient, stub: GeminiStub) -> None:
+    stub.reply_function_call("list_tasks", {"status": "all"}, input_tokens=40, output_tokens=5)
+    stub.reply_text("You have no tasks yet.", input_tokens=60, output_tokens=6)
+    response = await http.post("/api/chat/stream", json={"message": "what's on my list?"}, headers=ALICE)
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    types = [e["type"] for e in events]
+    assert types[:3] == ["start", "tool_call", "tool_result"] and types[-1] == "complete"
+    tokens = [e["token"] for e in events if e["type"] == "token"]
+    assert len(tokens) > 1 and "".join(tokens) == "You have no tasks yet."
+    assert events[-1]["usage"] == {"input_tokens": 100, "output_tokens": 11, "total_tokens": 111}
+    assert all(request.stream for request in stub.requests)
