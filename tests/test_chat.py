@@ -500,3 +500,25 @@ async def test_rerun_after_a_failure_does_not_repeat_a_task_change(
     scripted.extend([[function_call("add_task", {"title": "Buy milk"}, call_id="c3")], [assistant_message("Added.")]])
     assert (await say(http, "add buy milk", cid)).status_code == 200
     assert len(tasks(engine, "alice")) == 2
+
+
+async def test_a_burst_on_one_conversation_runs_one_turn(
+    scripted_app: tuple[FastAPI, httpx.AsyncClient], scripted: ScriptedModel, engine: Engine
+) -> None:
+    """Ten simultaneous turns on one conversation: the row lock lets exactly one in."""
+    _, http = scripted_app
+    scripted.enqueue([assistant_message("first")])
+    cid = (await say(http, "start")).json()["conversation_id"]
+    release = asyncio.Event()
+
+    async def hold(call: ModelCall) -> Any:
+        await release.wait()
+        return [assistant_message("the one")]
+
+    scripted.extend([ModelStep.respond(hold)] * 10)
+    burst = [asyncio.create_task(say(http, f"message {i}", cid)) for i in range(10)]
+    await asyncio.sleep(1.0)
+    release.set()
+    statuses = sorted(response.status_code for response in await asyncio.gather(*burst))
+    assert statuses == [200] + [409] * 9
+    assert [m["role"] for m in messages(engine, cid)] == ["user", "assistant", "user", "assistant"]
