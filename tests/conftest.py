@@ -9,6 +9,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 import httpx
+import litellm
 import pytest
 from agents.testing import ScriptedModel
 from fastapi import FastAPI
@@ -18,6 +19,7 @@ from backend.config import Settings
 from backend.db import make_engine
 from backend.main import create_app
 from tests.support import db
+from tests.support.gemini_stub import GeminiStub
 from tests.support.stack import api_client, mcp_server, with_free_mcp_port
 from tests.support.tokens import TEST_AUTH_SECRET
 
@@ -105,3 +107,23 @@ async def scripted_app(
     app = create_app(stack_settings, model_factory=lambda: scripted)
     async with api_client(stack_settings, app=app) as client:
         yield app, client
+
+
+GEMINI_TEST_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def gemini_server() -> Iterator[GeminiStub]:
+    """One local Gemini REST stub for the session (it checks the key like Google does)."""
+    previous = litellm.suppress_debug_info
+    litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banner per error
+    with GeminiStub(expected_api_key=GEMINI_TEST_KEY) as stub:
+        yield stub
+    litellm.suppress_debug_info = previous
+
+
+@pytest.fixture
+def stub(gemini_server: GeminiStub) -> GeminiStub:
+    """The Gemini stub with an empty script and no recorded requests."""
+    gemini_server.reset()
+    return gemini_server

@@ -10,11 +10,11 @@ import json
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
-import litellm
 import pytest
 from sqlalchemy import Engine, text
 
 from backend.config import Settings
+from tests.conftest import GEMINI_TEST_KEY
 from tests.support.gemini_stub import SECRET_MARKER, GeminiStub
 from tests.support.stack import api_client, mcp_server, with_free_mcp_port
 from tests.support.tokens import auth
@@ -22,27 +22,12 @@ from tests.support.tokens import auth
 ALICE = auth("alice")
 
 
-@pytest.fixture(scope="module")
-def gemini() -> Iterator[GeminiStub]:
-    previous = litellm.suppress_debug_info
-    litellm.suppress_debug_info = True
-    with GeminiStub(expected_api_key="test-gemini-key") as stub:
-        yield stub
-    litellm.suppress_debug_info = previous
-
-
-@pytest.fixture
-def stub(gemini: GeminiStub) -> GeminiStub:
-    gemini.reset()
-    return gemini
-
-
 @pytest.fixture
 def gemini_settings(settings: Settings, stub: GeminiStub) -> Iterator[Settings]:
     settings = with_free_mcp_port(settings).model_copy(
         update={
             "chat_model": "gemini/gemini-2.5-flash",
-            "gemini_api_key": "test-gemini-key",
+            "gemini_api_key": GEMINI_TEST_KEY,
             "model_api_base": stub.base_url,
             "model_max_retries": 1,
             "model_timeout_seconds": 1.0,
@@ -85,7 +70,7 @@ async def test_function_call_then_text(http: httpx.AsyncClient, stub: GeminiStub
     assert body["usage"] == {"input_tokens": 130, "output_tokens": 16, "total_tokens": 146}
 
     first, second = stub.requests
-    assert first.api_key == "test-gemini-key"
+    assert first.api_key == GEMINI_TEST_KEY
     assert {d["name"] for d in first.function_declarations} == {
         "add_task",
         "list_tasks",

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -23,6 +23,7 @@ from sqlalchemy import Engine, text
 
 from backend.config import Settings
 from backend.main import create_app
+from tests.conftest import GEMINI_TEST_KEY
 from tests.support.gemini_stub import SECRET_MARKER, GeminiStub
 from tests.support.models import ScriptableOffline
 from tests.support.servers import serve_in_thread
@@ -215,21 +216,17 @@ async def test_no_db_connection_is_held_while_the_model_runs(
 
 
 @pytest.fixture
-def gemini(stack_settings: Settings) -> Iterator[tuple[GeminiStub, Settings]]:
-    previous = litellm.suppress_debug_info
-    litellm.suppress_debug_info = True
-    with GeminiStub(expected_api_key="test-key") as stub:
-        settings = stack_settings.model_copy(
-            update={
-                "chat_model": "gemini/gemini-2.5-flash",
-                "gemini_api_key": "test-key",
-                "model_api_base": stub.base_url,
-                "model_max_retries": 1,
-                "model_timeout_seconds": 2.0,
-            }
-        )
-        yield stub, settings
-    litellm.suppress_debug_info = previous
+def gemini(stack_settings: Settings, stub: GeminiStub) -> tuple[GeminiStub, Settings]:
+    settings = stack_settings.model_copy(
+        update={
+            "chat_model": "gemini/gemini-2.5-flash",
+            "gemini_api_key": GEMINI_TEST_KEY,
+            "model_api_base": stub.base_url,
+            "model_max_retries": 1,
+            "model_timeout_seconds": 2.0,
+        }
+    )
+    return stub, settings
 
 
 async def test_second_turn_sends_the_first_turn_to_the_model(

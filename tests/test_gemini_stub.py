@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import litellm
 import pytest
 from agents import (
     Agent,
@@ -24,32 +22,18 @@ from agents.extensions.models.litellm_model import LitellmModel
 from litellm import exceptions as llm_exc
 from openai.types.responses import ResponseFunctionToolCall
 
+from tests.conftest import GEMINI_TEST_KEY
 from tests.support.gemini_stub import SECRET_MARKER, GeminiStub
 from tests.support.servers import free_port
 
 MODEL = "gemini/gemini-2.5-flash"
-API_KEY = "test-key"
+API_KEY = GEMINI_TEST_KEY
 
 
 @function_tool
 def add(a: int, b: int) -> int:
     """Add two integers."""
     return a + b
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[GeminiStub]:
-    previous = litellm.suppress_debug_info
-    litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banner per error
-    with GeminiStub() as stub:
-        yield stub
-    litellm.suppress_debug_info = previous
-
-
-@pytest.fixture
-def stub(_server: GeminiStub) -> GeminiStub:
-    _server.reset()
-    return _server
 
 
 def make_agent(stub: GeminiStub, settings: ModelSettings | None = None, **kwargs: Any) -> Agent[Any]:

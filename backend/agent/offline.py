@@ -197,41 +197,23 @@ class OfflineModel(Model):
                 yield ResponseOutputItemAddedEvent(
                     type="response.output_item.added", item=empty, output_index=index, sequence_number=next(seq)
                 )
+                at: dict[str, Any] = {"item_id": item.id, "output_index": index, "content_index": 0}
                 yield ResponseContentPartAddedEvent(
-                    type="response.content_part.added",
-                    item_id=item.id,
-                    output_index=index,
-                    content_index=0,
-                    part=part,
-                    sequence_number=next(seq),
+                    type="response.content_part.added", part=part, sequence_number=next(seq), **at
                 )
                 for token in re.findall(r"\S+\s*|\s+", text):
                     await asyncio.sleep(0)  # let the consumer flush each token
                     yield ResponseTextDeltaEvent(
-                        type="response.output_text.delta",
-                        item_id=item.id,
-                        output_index=index,
-                        content_index=0,
-                        delta=token,
-                        logprobs=[],
-                        sequence_number=next(seq),
+                        type="response.output_text.delta", delta=token, logprobs=[], sequence_number=next(seq), **at
                     )
                 yield ResponseTextDoneEvent(
-                    type="response.output_text.done",
-                    item_id=item.id,
-                    output_index=index,
-                    content_index=0,
-                    text=text,
-                    logprobs=[],
-                    sequence_number=next(seq),
+                    type="response.output_text.done", text=text, logprobs=[], sequence_number=next(seq), **at
                 )
                 yield ResponseContentPartDoneEvent(
                     type="response.content_part.done",
-                    item_id=item.id,
-                    output_index=index,
-                    content_index=0,
                     part=part.model_copy(update={"text": text}),
                     sequence_number=next(seq),
+                    **at,
                 )
             else:
                 yield ResponseOutputItemAddedEvent(
