@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     db_pool_size: int = 10
     db_max_overflow: int = 20
+    # How long one unit of database work may take (a stalled server answers 503 after this), and the
+    # server-side statement and lock timeouts.
+    db_timeout_seconds: float = 5.0
+    db_statement_timeout_seconds: float = 5.0
 
     # Auth (Better Auth JWKS and/or an HS256 shared secret).
     auth_jwks_url: str | None = None
@@ -85,6 +89,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64_000
     turn_lease_seconds: float = 30.0
     sse_heartbeat_seconds: float = 10.0
+    # A stream whose client stops reading is ended (stored as aborted) after this long without progress.
+    sse_send_timeout_seconds: float = 30.0
+
+    # Per-user limits on what costs money, enforced across replicas in PostgreSQL. 0 turns a limit off.
+    user_turns_per_minute: int = 30
+    user_tokens_per_day: int = 0
+    user_concurrent_turns: int = 0
 
     @field_validator("database_url")
     @classmethod

@@ -1,35 +1,109 @@
-"""Engine and sessions.
+"""The engine, and the one way async code touches the database.
 
-Sessions are short: a request opens one, does its queries and closes it. The chat turn never
-holds one while the model or a tool runs (see `services/turn.py`).
+psycopg2 blocks, so every unit of work runs in a worker thread as one short transaction
+(`Database.run`), committed before it returns: a route that answers 2xx has committed. Nothing here
+runs while the model thinks. Each unit is bounded in time on the event loop's side too, because a
+stalled server (accepting, never answering) blocks a socket read that no server-side timeout can
+end: after `DB_TIMEOUT_SECONDS` the request gets `503 database_unavailable` and the stuck thread is
+left to finish on its own. Connection and operational errors become that same 503, logged as one line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-from sqlalchemy import Engine, text
-from sqlmodel import Session, create_engine
+import anyio.to_thread
+from sqlalchemy import Connection, Engine, create_engine, exc, text
+from sqlmodel import Session
 
 from backend.config import Settings
+from backend.failures import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that say "the database cannot serve this now" rather than "this request is wrong".
+_UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
 
 
 def make_engine(settings: Settings) -> Engine:
+    timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
     return create_engine(
         settings.require_database_url(),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
-        pool_pre_ping=True,
+        # Waiting for a free connection is bounded too: an exhausted pool is a 503, not a hang.
+        pool_timeout=settings.db_timeout_seconds,
         pool_recycle=1800,
-        # A server that silently drops connections (Neon scales to zero) must not hang a request.
-        connect_args={"connect_timeout": 5},
+        # No pre-ping round trip per checkout: a connection that died with its server fails its first
+        # statement (503, retryable) and SQLAlchemy then replaces the whole pool.
+        pool_pre_ping=False,
+        # Bound parameters (user ids, task titles, message text) stay out of error messages and logs.
+        hide_parameters=True,
+        connect_args={
+            # A server that silently drops connections (Neon scales to zero) must not hang a request.
+            "connect_timeout": max(1, int(settings.db_timeout_seconds)),
+            "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        },
     )
+
+
+def is_unavailable(error: BaseException) -> bool:
+    return isinstance(error, _UNAVAILABLE) or (isinstance(error, exc.DBAPIError) and error.connection_invalidated)
+
+
+class Database:
+    """Runs units of work off the event loop, each in a transaction of its own, within a time bound."""
+
+    def __init__(self, engine: Engine, timeout: float) -> None:
+        self.engine = engine
+        self.timeout = timeout
+
+    async def run(self, work: Callable[[Connection], T], *, within: float | None = None) -> T:
+        """`work(connection)` in one transaction, committed before this returns.
+
+        Raises `DatabaseUnavailable` when the database cannot be reached, fails operationally, or
+        does not answer within the bound; any other error of `work` propagates unchanged.
+        """
+        try:
+            async with asyncio.timeout(within or self.timeout):
+                return await anyio.to_thread.run_sync(self._transaction, work, abandon_on_cancel=True)
+        except TimeoutError:
+            log.warning("database did not answer within %.1f s", within or self.timeout)
+            raise DatabaseUnavailable() from None
+        except exc.DBAPIError as error:
+            if not is_unavailable(error):
+                raise
+            log.warning("database unavailable: %s", type(error.orig or error).__name__)
+            raise DatabaseUnavailable() from None
+        except exc.TimeoutError:
+            log.warning("database pool exhausted: no free connection in time")
+            raise DatabaseUnavailable() from None
+
+    def _transaction(self, work: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as connection:
+            return work(connection)
+
+    async def ping(self, within: float) -> bool:
+        try:
+            await self.run(lambda connection: connection.execute(text("SELECT 1")), within=within)
+        except DatabaseUnavailable:
+            return False
+        return True
 
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error."""
+    """One ORM unit of work for sync code (the MCP server's tools): commit on success, else roll back."""
     with Session(engine, expire_on_commit=False) as session:
         try:
             yield session

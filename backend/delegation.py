@@ -70,3 +70,29 @@ def verify_delegation_token(secret: str, token: str) -> Delegation | None:
         token_id=str(claims.get("jti", "")),
         turn=turn if isinstance(turn, str) else None,
     )
+
+
+def mint_turn_token(
+    secret: str,
+    user_id: str,
+    *,
+    conversation_id: uuid.UUID,
+    turn_id: uuid.UUID,
+    replay_scope: str,
+    ttl_seconds: int,
+) -> str:
+    """A token for one turn: the user, the conversation and the lease it runs under."""
+    now = int(time.time())
+    claims: dict[str, object] = {
+        "iss": MCP_ISSUER,
+        "aud": MCP_AUDIENCE,
+        "sub": user_id,
+        "scope": SCOPE,
+        "iat": now,
+        "exp": now + ttl_seconds,
+        "jti": uuid.uuid4().hex,
+        "cid": str(conversation_id),
+        "tid": str(turn_id),
+        "turn": replay_scope,
+    }
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)

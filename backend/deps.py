@@ -1,51 +1,41 @@
-"""Typed FastAPI dependencies: settings, DB session, the current user, an owned conversation."""
+"""Typed FastAPI dependencies: settings, the database, the turn service, the current user, an owned
+conversation. All async: trivial dependencies must not queue in the threadpool behind database work."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine
-from sqlmodel import Session
 
 from backend.auth import AuthError, AuthUnavailable, TokenVerifier
 from backend.config import Settings
-from backend.db import session_scope
-from backend.errors import ApiError, not_found, unauthorized
-from backend.models import Conversation
-from backend.services.conversations import get_owned
-from backend.services.turn import TurnDeps
+from backend.db import Database
+from backend.errors import ApiError, unauthorized
+from backend.services import conversations
+from backend.services.conversations import OwnedRow
+from backend.services.turn import TurnService
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+async def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
 
 
-def get_turn_deps(request: Request) -> TurnDeps:
-    deps: TurnDeps = request.app.state.turn_deps
-    return deps
+async def get_turns(request: Request) -> TurnService:
+    turns: TurnService = request.app.state.turns
+    return turns
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
-TurnDepsDep = Annotated[TurnDeps, Depends(get_turn_deps)]
-
-
-def get_session(engine: EngineDep) -> Iterator[Session]:
-    with session_scope(engine) as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+TurnsDep = Annotated[TurnService, Depends(get_turns)]
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -68,14 +58,11 @@ async def get_current_user(
 CurrentUser = Annotated[str, Depends(get_current_user)]
 
 
-def get_owned_conversation(
-    conversation_id: Annotated[uuid.UUID, Path()], user_id: CurrentUser, session: SessionDep
-) -> Conversation:
-    """The conversation if this user owns it; someone else's answers exactly like a missing one."""
-    conversation = get_owned(session, conversation_id, user_id)
-    if conversation is None:
-        raise not_found()
-    return conversation
+async def get_owned_conversation(
+    conversation_id: Annotated[uuid.UUID, Path()], user_id: CurrentUser, db: DatabaseDep
+) -> OwnedRow:
+    """The conversation if this user owns it (queried by id AND user); else 404, like a missing one."""
+    return await db.run(lambda c: conversations.owned(c, conversation_id, user_id))
 
 
-OwnedConversation = Annotated[Conversation, Depends(get_owned_conversation)]
+OwnedConversation = Annotated[OwnedRow, Depends(get_owned_conversation)]

@@ -1,12 +1,16 @@
-"""Error responses: FastAPI's `{"detail": ...}` plus a machine-readable `code`, never a stack trace.
+"""HTTP rendering of failures: FastAPI's `{"detail": ...}` plus a machine-readable `code`, never a
+stack trace.
 
-Every failure the API answers goes through `ApiError` or one of the handlers below, so a client
-can switch on `code` and no upstream error body (which may carry a key) ever reaches it.
+Services raise `ServiceError`s (backend/failures.py); this module maps each kind once to its status
+and headers (`Retry-After` for limits and unavailable dependencies, `WWW-Authenticate` for 401).
+`ApiError` is for the few answers that exist only at the HTTP edge. A last-resort middleware turns
+anything unexpected into a JSON 500 with one log line, and keeps the connection usable.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +19,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backend import failures
+from backend.failures import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,46 @@ class ErrorBody(BaseModel):
     detail: str | list[dict[str, Any]]
     code: str
     retryable: bool | None = None
+    # A failed turn: its stored reply, so a client can retry it (same idempotency key) or show it.
+    conversation_id: str | None = None
+    message_id: str | None = None
+
+
+# Each kind of failure, once: its HTTP status.
+_STATUS: list[tuple[type[ServiceError], int]] = [
+    (failures.Unauthorized, 401),
+    (failures.NotFound, 404),
+    (failures.ConversationBusy, 409),
+    (failures.RetrySuperseded, 409),
+    (failures.InvalidInput, 422),
+    (failures.UnsupportedRequest, 400),
+    (failures.LimitExceeded, 429),
+    (failures.Unavailable, 503),
+    (failures.TurnFailed, 502),
+]
+
+
+def status_of(error: ServiceError) -> int:
+    if error.code == "model_timeout":
+        return 504
+    return next((status for kind, status in _STATUS if isinstance(error, kind)), 500)
+
+
+def service_error_response(error: ServiceError) -> JSONResponse:
+    detail: str | list[dict[str, Any]] = error.message
+    if isinstance(error, failures.InvalidInput) and error.field is not None:
+        detail = [{"loc": list(error.field), "msg": error.message, "type": error.code}]
+    body: dict[str, Any] = {"detail": detail, "code": error.code}
+    if error.retryable or isinstance(error, failures.TurnFailed):
+        body["retryable"] = error.retryable
+    if error.turn is not None:
+        body["conversation_id"], body["message_id"] = str(error.turn[0]), str(error.turn[1])
+    headers: dict[str, str] = {}
+    if isinstance(error, failures.Unauthorized):
+        headers.update(BEARER)
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return JSONResponse(body, status_code=status_of(error), headers=headers)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -67,11 +114,12 @@ _DESCRIPTIONS = {
     400: "Malformed request body",
     401: "Missing or invalid bearer token (with `WWW-Authenticate: Bearer`)",
     404: "No such conversation for this user",
-    409: "A turn is already running on this conversation",
+    409: "A turn is already running on this conversation (or a retried message was already followed by newer ones)",
     413: "Request body too large",
     422: "Invalid input; `detail` lists the problems",
+    429: "A per-user limit was reached (`Retry-After` says when to try again)",
     502: "The model or its provider failed",
-    503: "A dependency (the MCP server, the identity provider's keys) is unavailable",
+    503: "A dependency (the database, the MCP server, the identity provider's keys) is unavailable; `Retry-After`",
     504: "The model timed out",
 }
 
@@ -104,6 +152,10 @@ _STATUS_CODES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return service_error_response(exc)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
@@ -119,10 +171,35 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [{k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in exc.errors()]
         return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "Internal server error", "code": "internal_error"}, status_code=500)
+
+class LastResortMiddleware:
+    """A JSON 500 for anything no handler took, logged once, without re-raising.
+
+    Starlette's own 500 handler re-raises so the server logs a second traceback and drops the
+    connection without `Connection: close`, which costs a keep-alive client its next request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                response = JSONResponse({"detail": "Internal server error", "code": "internal_error"}, status_code=500)
+                await response(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -1,7 +1,8 @@
 """The API app factory.
 
-`app.state` holds only process-wide plumbing (settings, the engine, the token verifier, an HTTP
-client pool): nothing about a user or a conversation survives a request.
+`app.state` holds only process-wide plumbing (settings, the database, the token verifier, the turn
+service with its task-tool client, an HTTP client pool): nothing about a user or a conversation
+survives a request.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from backend import __version__
-from backend.agent.factory import warm_up
+from backend.agent.factory import make_model, warm_up
+from backend.agent.mcp_client import TaskServer
 from backend.api import chat, chatkit, conversations, health
 from backend.auth import TokenVerifier
 from backend.config import Settings
-from backend.db import make_engine
-from backend.errors import BodyLimitMiddleware, install_error_handlers
-from backend.services.turn import TurnDeps
+from backend.db import Database, make_engine
+from backend.errors import BodyLimitMiddleware, LastResortMiddleware, install_error_handlers
+from backend.services.chatkit_server import TaskChatKitServer
+from backend.services.chatkit_store import ConversationStore
+from backend.services.turn import TurnService
 
 
 def configure_process(settings: Settings) -> None:
@@ -50,10 +54,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await warm_up()
+        await warm_up(settings)
         yield
         await app.state.http.aclose()
-        app.state.engine.dispose()
+        await tools.aclose()
+        engine.dispose()
 
     app = FastAPI(
         title="Task chat backend",
@@ -61,11 +66,17 @@ def create_app(
         summary="Stateless multi-user chat with an AI assistant that manages todo tasks",
         lifespan=lifespan,
     )
+    engine = make_engine(settings)
+    db = Database(engine, settings.db_timeout_seconds)
+    tools = TaskServer(settings)
+    turns = TurnService(db, settings, model_factory or (lambda: make_model(settings)), tools)
     app.state.settings = settings
-    app.state.engine = make_engine(settings)
+    app.state.engine = engine
+    app.state.db = db
     app.state.verifier = TokenVerifier(settings, jwks_transport=jwks_transport)
     app.state.http = httpx.AsyncClient(timeout=10.0)
-    app.state.turn_deps = TurnDeps.create(app.state.engine, settings, model_factory)
+    app.state.turns = turns
+    app.state.chatkit = TaskChatKitServer(ConversationStore(db, turns), turns)
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -74,9 +85,10 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
             max_age=600,
         )
+    app.add_middleware(LastResortMiddleware)
     app.include_router(health.router)
     app.include_router(conversations.router)
     app.include_router(chat.router)

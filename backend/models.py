@@ -7,7 +7,7 @@ The schema itself comes from Alembic migrations only; `SQLModel.metadata` is wha
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -48,6 +48,8 @@ class MessageStatus(StrEnum):
 class Conversation(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_conversation_user_updated", "user_id", sa.text("updated_at DESC"), sa.text("id DESC")),
+        # The user's conversations with a turn running (USER_CONCURRENT_TURNS): usually none.
+        sa.Index("ix_conversation_user_running", "user_id", postgresql_where=sa.text("turn_id IS NOT NULL")),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -57,8 +59,10 @@ class Conversation(SQLModel, table=True):
     updated_at: datetime = _ts()
     # Last message sequence number handed out; bumped under the row lock, so order is strict.
     last_seq: int = Field(default=0, nullable=False)
+    # Kept with every insert and delete of its messages, so listing never counts rows.
+    message_count: int = Field(default=0, nullable=False)
     # The "turn running" lease: set when a turn starts, renewed while it runs, cleared when it ends.
-    # A crashed replica's lease simply expires, so another replica can take the conversation.
+    # A crashed replica's lease simply expires (by the database's clock), so another replica can take it.
     turn_id: uuid.UUID | None = Field(default=None)
     turn_lease_until: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
 
@@ -66,7 +70,12 @@ class Conversation(SQLModel, table=True):
 class Message(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("conversation_id", "seq", name="uq_message_conversation_seq"),
-        sa.UniqueConstraint("conversation_id", "client_message_id", name="uq_message_client_id"),
+        # An idempotency key names one request of one user, whatever the conversation.
+        sa.UniqueConstraint("user_id", "client_message_id", name="uq_message_user_client_id"),
+        # A retry looks up the latest reply to one user message of one conversation.
+        sa.Index(
+            "ix_message_reply", "conversation_id", "reply_to", "seq", postgresql_where=sa.text("reply_to IS NOT NULL")
+        ),
         sa.CheckConstraint("role IN ('user', 'assistant')", name="ck_message_role"),
         sa.CheckConstraint("status IN ('complete', 'error', 'aborted')", name="ck_message_status"),
     )
@@ -75,6 +84,8 @@ class Message(SQLModel, table=True):
     conversation_id: uuid.UUID = Field(
         sa_column=sa.Column(sa.Uuid, sa.ForeignKey("conversation.id", ondelete="CASCADE"), nullable=False, index=False)
     )
+    # The conversation's owner, copied here so idempotency keys are unique per user in the database.
+    user_id: str = Field(max_length=255, nullable=False)
     seq: int = Field(nullable=False)
     role: str = Field(max_length=16, nullable=False)
     content: str = Field(default="", sa_type=sa.Text, nullable=False)  # type: ignore[call-overload]
@@ -87,7 +98,24 @@ class Message(SQLModel, table=True):
     reply_to: uuid.UUID | None = Field(default=None)
     error_code: str | None = Field(default=None, max_length=64)
     duration_ms: int | None = Field(default=None)
+    # For a user message: how many of its answers completed. It names the attempt a turn's task changes
+    # are recorded under: a recovered turn (the last attempt failed) reuses it, so its tool calls replay;
+    # a regenerated answer comes after a completed one, gets a new value, and runs its tools for real.
+    completed_answers: int = Field(default=0, nullable=False)
     created_at: datetime = _ts()
+
+
+class UserQuota(SQLModel, table=True):
+    """Per-user limit state, shared by every replica: one row per user that has taken a turn."""
+
+    __tablename__ = "user_quota"
+
+    user_id: str = Field(primary_key=True, max_length=255)
+    # Turn starts are rate limited by GCRA: the theoretical arrival time of the next allowed turn.
+    turn_tat: datetime = Field(sa_type=sa.DateTime(timezone=True), nullable=False)  # type: ignore[call-overload]
+    # Model tokens spent on `tokens_day` (a UTC date), from the usage stored with each reply.
+    tokens_day: date = Field(nullable=False)
+    tokens_used: int = Field(default=0, sa_type=sa.BigInteger, nullable=False)  # type: ignore[call-overload]
 
 
 class Task(SQLModel, table=True):

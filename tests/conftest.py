@@ -11,12 +11,12 @@ os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 import httpx
 import litellm
 import pytest
+import sqlalchemy
 from agents.testing import ScriptedModel
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from backend.config import Settings
-from backend.db import make_engine
 from backend.main import create_app
 from tests.support import db
 from tests.support.gemini_stub import GeminiStub
@@ -80,8 +80,9 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    eng = make_engine(settings)
+def engine(database_url: str) -> Iterator[Engine]:
+    """The test's own view of its database (no statement timeout: tests also load data)."""
+    eng = sqlalchemy.create_engine(database_url)
     yield eng
     eng.dispose()
 

@@ -27,12 +27,16 @@ def serve_api(settings: Settings, model: OfflineModel | None = None) -> Any:
 
 
 async def read_events(response: httpx.Response) -> tuple[list[dict[str, Any]], int]:
+    """The stream's events, and how many heartbeat events came among them."""
     events, heartbeats = [], 0
     async for line in response.aiter_lines():
+        assert not line.startswith(":"), "heartbeats are JSON events, not SSE comments"
         if line.startswith("data: "):
-            events.append(json.loads(line.removeprefix("data: ")))
-        elif line.startswith(":"):
-            heartbeats += 1
+            event = json.loads(line.removeprefix("data: "))
+            if event == {"type": "heartbeat"}:
+                heartbeats += 1
+            else:
+                events.append(event)
     return events, heartbeats
 
 

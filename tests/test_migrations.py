@@ -30,10 +30,12 @@ def test_models_match_migrations(database_url: str) -> None:
 
 def test_downgrade_and_upgrade_again(database_url: str) -> None:
     cfg = alembic_config(database_url)
-    tables = {"conversation", "message", "task", "tool_call", "alembic_version"}
+    tables = {"conversation", "message", "task", "tool_call", "user_quota", "alembic_version"}
     assert _tables(database_url) == tables
+    command.downgrade(cfg, "0002")
+    assert _tables(database_url) == tables - {"user_quota"}
     command.downgrade(cfg, "0001")
-    assert _tables(database_url) == tables - {"tool_call"}
+    assert _tables(database_url) == tables - {"tool_call", "user_quota"}
     command.downgrade(cfg, "base")
     assert _tables(database_url) == {"alembic_version"}
     command.upgrade(cfg, "head")
@@ -47,7 +49,7 @@ def test_indexes_and_cascade(database_url: str) -> None:
     assert conv_indexes["ix_conversation_user_updated"]["column_names"][0] == "user_id"
     uniques = {uc["name"]: uc["column_names"] for uc in insp.get_unique_constraints("message")}
     assert uniques["uq_message_conversation_seq"] == ["conversation_id", "seq"]
-    assert uniques["uq_message_client_id"] == ["conversation_id", "client_message_id"]
+    assert uniques["uq_message_user_client_id"] == ["user_id", "client_message_id"]
     (fk,) = insp.get_foreign_keys("message")
     assert fk["options"].get("ondelete") == "CASCADE"
     engine.dispose()

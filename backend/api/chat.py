@@ -1,74 +1,114 @@
 """`POST /api/chat` (one JSON answer) and `POST /api/chat/stream` (Server-Sent Events).
 
-Both run the same turn service; they differ only in how its events reach the client.
+Both run the same turn service; they differ only in how its events reach the client. The turn is
+begun before the response starts, so 404/409/422/429 arrive as real HTTP statuses.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Header
 
-from backend.deps import CurrentUser, TurnDepsDep
-from backend.errors import AUTH_ERRORS, ApiError, error_responses
-from backend.models import ChatRequest, ChatResponse, ToolCallOut, Usage
-from backend.services.streaming import SSE_HEADERS, with_heartbeats
-from backend.services.turn import CompleteEvent, ErrorEvent, TurnEvent, TurnInput, begin, event_dict, run_turn
+from backend.api.sse import EventStream, frame
+from backend.deps import CurrentUser, TurnsDep
+from backend.errors import AUTH_ERRORS, error_responses
+from backend.failures import InvalidInput
+from backend.models import ChatRequest, ChatResponse, ClientMessageId, ToolCallOut, Usage
+from backend.services.turn import TurnStream
+from backend.services.turn_events import (
+    Token,
+    ToolCalled,
+    ToolReturned,
+    TurnCompleted,
+    TurnError,
+    TurnEvent,
+    TurnStarted,
+)
+from backend.services.turn_store import TurnRequest
 
 router = APIRouter(prefix="/api/chat", tags=["chat"], responses=error_responses(*AUTH_ERRORS))
 
-ERRORS = error_responses(404, 409, 502, 503, 504)
+ERRORS = error_responses(404, 409, 429, 502, 503, 504)
+
+# The IETF httpapi draft's name for an idempotency key, accepted beside `client_message_id`.
+IdempotencyKey = Annotated[
+    ClientMessageId | None,
+    Header(alias="Idempotency-Key", description="An alias for `client_message_id` (IETF httpapi draft)"),
+]
 
 
-def _input(body: ChatRequest, user_id: str) -> TurnInput:
-    return TurnInput(user_id, body.message, body.conversation_id, body.client_message_id)
+def turn_request(body: ChatRequest, user_id: str, header_key: str | None) -> TurnRequest:
+    key = body.client_message_id
+    if header_key is not None and key is not None and header_key != key:
+        raise InvalidInput("Idempotency-Key and client_message_id differ", field=("header", "Idempotency-Key"))
+    return TurnRequest(user_id, body.message, body.conversation_id, key or header_key)
 
 
 @router.post("", responses=ERRORS)
-async def chat(body: ChatRequest, user_id: CurrentUser, deps: TurnDepsDep) -> ChatResponse:
-    turn = await begin(deps, _input(body, user_id))
-    async for event in run_turn(deps, user_id, turn):
-        if isinstance(event, CompleteEvent):
-            return ChatResponse(
-                conversation_id=turn.conversation_id,
-                message_id=event.message_id,  # type: ignore[arg-type]
-                response=event.full_content,
-                tool_calls=[ToolCallOut(**call) for call in event.tool_calls],
-                usage=Usage(**event.usage),
-                model=event.model,
-                duration_ms=event.duration_ms,
-            )
-        if isinstance(event, ErrorEvent):
-            raise ApiError(
-                event.status_code,
-                event.code,
-                event.message,
-                retryable=event.retryable,
-                extra={"conversation_id": event.conversation_id, "message_id": event.message_id},
-            )
-    raise RuntimeError("the turn ended without a result")  # pragma: no cover
+async def chat(body: ChatRequest, user_id: CurrentUser, turns: TurnsDep, key: IdempotencyKey = None) -> ChatResponse:
+    turn = await turns.begin(turn_request(body, user_id, key))
+    done = await turns.run(turn)
+    return ChatResponse(
+        conversation_id=done.conversation_id,
+        message_id=done.message_id,
+        response=done.content,
+        tool_calls=[ToolCallOut(**call) for call in done.tool_calls],
+        usage=Usage(**done.usage),
+        model=done.model,
+        duration_ms=done.duration_ms,
+    )
 
 
 @router.post(
     "/stream",
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "SSE turn events"}},
-    response_class=StreamingResponse,
+    response_class=EventStream,
 )
-async def chat_stream(body: ChatRequest, user_id: CurrentUser, deps: TurnDepsDep) -> StreamingResponse:
-    # Begin before the response starts, so 404/409 arrive as real HTTP statuses.
-    turn = await begin(deps, _input(body, user_id))
-    return StreamingResponse(
-        _sse(lambda: run_turn(deps, user_id, turn), deps.settings.sse_heartbeat_seconds),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+async def chat_stream(
+    body: ChatRequest, user_id: CurrentUser, turns: TurnsDep, key: IdempotencyKey = None
+) -> EventStream:
+    stream = turns.stream(await turns.begin(turn_request(body, user_id, key)))
+    return EventStream(_sse(stream), send_timeout=turns.settings.sse_send_timeout_seconds, on_close=stream.aclose)
 
 
-async def _sse(events: Callable[[], AsyncIterator[TurnEvent]], heartbeat: float) -> AsyncIterator[str]:
-    async for event in with_heartbeats(events, heartbeat):
+HEARTBEAT = frame('{"type":"heartbeat"}')
+
+
+async def _sse(stream: TurnStream) -> AsyncIterator[bytes]:
+    async for event in stream:
         if event is None:
-            yield ": heartbeat\n\n"
+            # A JSON event, not an SSE comment: some client libraries hand comments to `onmessage`.
+            yield HEARTBEAT
+        elif isinstance(event, Token):  # the hot path: one per token
+            yield frame(f'{{"type":"token","token":{json.dumps(event.token)},"index":{event.index}}}')
         else:
-            yield f"data: {json.dumps(event_dict(event), default=str)}\n\n"
+            yield frame(json.dumps(event_body(event), default=str))
+
+
+def event_body(event: TurnEvent) -> dict[str, Any]:
+    match event:
+        case TurnStarted():
+            return {"type": "start", "conversation_id": event.conversation_id, "message_id": event.message_id}
+        case Token():
+            return {"type": "token", "token": event.token, "index": event.index}
+        case ToolCalled():
+            return {"type": "tool_call", "call_id": event.call_id, "name": event.name, "arguments": event.arguments}
+        case ToolReturned():
+            return {"type": "tool_result", "call_id": event.call_id, "name": event.name, "result": event.result}
+        case TurnCompleted():
+            return {
+                "type": "complete",
+                "conversation_id": event.conversation_id,
+                "message_id": event.message_id,
+                "full_content": event.content,
+                "tool_calls": event.tool_calls,
+                "usage": event.usage,
+                "model": event.model,
+                "duration_ms": event.duration_ms,
+            }
+        case TurnError():
+            error = event.error
+            return {"type": "error", "code": error.code, "message": error.message, "retryable": error.retryable}

@@ -2,35 +2,35 @@
 
 JWT-guarded like every /api route. Streaming requests (threads.create, threads.add_user_message,
 threads.retry_after_item) answer Server-Sent Events; the others answer one JSON body. Errors that can
-be known before a stream starts are real HTTP statuses with our `{"detail", "code"}` body.
+be known before a stream starts are real HTTP statuses with our `{"detail", "code"}` body; later
+ones are ChatKit `error` events.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from chatkit.server import StreamingResult
 from chatkit.store import NotFoundError
 from chatkit.types import ErrorEvent
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
-from backend.deps import CurrentUser, TurnDepsDep
-from backend.errors import AUTH_ERRORS, ApiError, error_responses, not_found
-from backend.services.chatkit_server import TaskChatKitServer
+from backend.api.sse import EventStream
+from backend.deps import CurrentUser, TurnsDep
+from backend.errors import AUTH_ERRORS, error_responses
+from backend.failures import NotFound, ServiceError
+from backend.services.chatkit_server import TaskChatKitServer, error_event
 from backend.services.chatkit_store import ChatKitContext
-from backend.services.streaming import SSE_HEADERS, with_heartbeats
+from backend.services.streaming import with_heartbeats
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["chatkit"])
-
-# Stateless: who is asking and the turn plumbing travel in the per-request context.
-server = TaskChatKitServer()
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -41,41 +41,54 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+async def get_chatkit(request: Request) -> TaskChatKitServer:
+    server: TaskChatKitServer = request.app.state.chatkit
+    return server
+
+
+ChatKitDep = Annotated[TaskChatKitServer, Depends(get_chatkit)]
+
+
 @router.post(
     "/chatkit",
     responses=RESPONSES,
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}},
 )
-async def chatkit(request: Request, user_id: CurrentUser, deps: TurnDepsDep) -> Response:
-    context = ChatKitContext(user_id=user_id, deps=deps)
+async def chatkit(request: Request, user_id: CurrentUser, server: ChatKitDep, turns: TurnsDep) -> Response:
+    context = ChatKitContext(user_id=user_id)
     try:
         result = await server.handle(await request.body(), context)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     except NotFoundError as exc:
-        raise not_found() from exc  # the same body as /api for a missing or someone else's conversation
+        raise NotFound() from exc  # the same body as /api for a missing or someone else's conversation
+
+    async def close() -> None:
+        # Whatever this request began ends with the response: stored, or stored as aborted.
+        if context.stream is not None:
+            await context.stream.aclose()
+        elif context.turn is not None:
+            await turns.abandon(context.turn)
+
     if isinstance(result, StreamingResult):
-        return StreamingResponse(
-            _sse(result, deps.settings.sse_heartbeat_seconds), media_type="text/event-stream", headers=SSE_HEADERS
-        )
+        heartbeat, send_timeout = turns.settings.sse_heartbeat_seconds, turns.settings.sse_send_timeout_seconds
+        return EventStream(_sse(result, heartbeat), send_timeout=send_timeout, on_close=close)
     return Response(result.json, media_type="application/json")
 
 
-def _error_line(message: str, retryable: bool) -> bytes:
-    event = ErrorEvent(message=message, allow_retry=retryable)
+def _line(event: ErrorEvent) -> bytes:
     return b"data: " + event.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
 
 async def _sse(result: StreamingResult, heartbeat: float) -> AsyncIterator[bytes]:
-    # The whole ChatKit pipeline runs in a task of its own, with comment heartbeats meanwhile; when
-    # the client goes away that task is cancelled, and the turn stores its partial answer as aborted.
+    # ChatKit's client reads a standard SSE parser: comment heartbeats keep idle proxies open.
     try:
-        async for chunk in with_heartbeats(lambda: result.json_events, heartbeat):
+        async for chunk in with_heartbeats(result.json_events, heartbeat):
             yield b": heartbeat\n\n" if chunk is None else chunk
     except NotFoundError:  # e.g. the thread was deleted between our checks and the stream
-        yield _error_line(str(not_found()), False)
-    except ApiError as exc:  # e.g. a retry while another turn runs (409)
-        yield _error_line(str(exc), bool(exc.retryable))
+        yield _line(error_event(NotFound()))
+    except ServiceError as error:  # a turn refused as it began (busy, limits): nothing was announced
+        yield _line(error_event(error))
     except Exception:
         log.exception("ChatKit stream failed")
-        yield _error_line("The request could not be completed", True)
+        yield _line(ErrorEvent(message="The request could not be completed", allow_retry=True))

@@ -1,6 +1,6 @@
 """The ChatKit front door of the one turn service.
 
-`respond()` runs the same turn as /api/chat (`begin` + `run_turn`: same agent, model and MCP
+`respond()` runs the same turn as /api/chat (`begin` + `stream`: same agent, model and MCP
 delegation) and translates its events into ChatKit's: the turn's tokens become text deltas of an
 assistant message item whose id is the stored assistant message's id, tool calls become progress
 updates, and a failure becomes a ChatKit error event carrying only our own safe message.
@@ -41,31 +41,25 @@ from chatkit.types import (
     ThreadsSyncCustomActionReq,
     ThreadStreamEvent,
     ThreadsUpdateReq,
-    UserMessageContent,
     UserMessageItem,
 )
 from chatkit.types import ErrorEvent as ChatKitError
 from pydantic import TypeAdapter
 
-from backend.errors import ApiError
-from backend.models import MessageText, utcnow
-from backend.services.chatkit_store import ChatKitContext, ConversationStore, attachments_refused, clean_title
-from backend.services.streaming import with_heartbeats
-from backend.services.turn import (
-    CompleteEvent,
-    StartEvent,
-    TokenEvent,
-    ToolCallEvent,
-    TurnEvent,
-    TurnInput,
-    begin,
-    run_turn,
+from backend.failures import ServiceError, UnsupportedRequest
+from backend.models import utcnow
+from backend.services.chatkit_store import (
+    ChatKitContext,
+    ConversationStore,
+    attachments_refused,
+    clean_title,
+    message_text,
 )
-from backend.services.turn import ErrorEvent as TurnError
-from backend.services.turn_store import title_from
+from backend.services.turn import TurnService
+from backend.services.turn_events import Token, ToolCalled, TurnCompleted, TurnError, TurnEvent, TurnStarted
+from backend.services.turn_store import TurnRequest, title_from
 
 _REQUEST: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
-_MESSAGE: TypeAdapter[str] = TypeAdapter(MessageText)
 
 _TOOL_PROGRESS = {
     "add_task": "Adding a task",
@@ -76,34 +70,34 @@ _TOOL_PROGRESS = {
 }
 
 
-def message_text(content: list[UserMessageContent], quoted_text: str | None) -> str:
-    """The text the turn stores and the model reads; raises ValidationError like /api/chat's 422."""
-    text = "".join(part.text for part in content)
-    if quoted_text:
-        text = f"> {quoted_text}\n\n{text}"
-    return _MESSAGE.validate_python(text)
+def error_event(error: ServiceError) -> ChatKitError:
+    """A failure as ChatKit shows it: our own message, and whether retrying can help."""
+    return ChatKitError(message=error.message, allow_retry=error.retryable)
 
 
 class TaskChatKitServer(ChatKitServer[ChatKitContext]):
-    def __init__(self) -> None:
-        super().__init__(ConversationStore())
+    def __init__(self, store: ConversationStore, turns: TurnService) -> None:
+        super().__init__(store)
+        self._turns = turns
 
     async def handle(self, body: bytes, context: ChatKitContext) -> StreamingResult | NonStreamingResult:
         """`process()`, after refusing up front what would otherwise fail inside a stream.
 
-        Raises pydantic's ValidationError (422), chatkit's NotFoundError (404) or ApiError.
+        Raises pydantic's ValidationError (422), chatkit's NotFoundError (404) or a ServiceError.
         """
         request = _REQUEST.validate_json(body)
         match request:
-            case ThreadsCreateReq():
-                self._check_input(request)
-            case ThreadsAddUserMessageReq():
-                self._check_input(request)
-                await self.store.load_thread(request.params.thread_id, context)
+            case ThreadsCreateReq() | ThreadsAddUserMessageReq():
+                # Before the user message is shown as sent.
+                if request.params.input.attachments:
+                    raise attachments_refused()
+                if isinstance(request, ThreadsAddUserMessageReq):
+                    await self.store.load_thread(request.params.thread_id, context)
             case ThreadsRetryAfterItemReq():
                 item = await self.store.load_item(request.params.thread_id, request.params.item_id, context)
                 if not isinstance(item, UserMessageItem):
-                    raise ApiError(400, "invalid_request", "Only a user message can be answered again")
+                    raise UnsupportedRequest("Only a user message can be answered again", code="invalid_request")
+                context.regenerate = True
             case ThreadsUpdateReq():
                 # The SDK answers with the title it was given: give it the one we store.
                 request.params.title = clean_title(request.params.title)
@@ -117,15 +111,10 @@ class TaskChatKitServer(ChatKitServer[ChatKitContext]):
                 | ThreadsSyncCustomActionReq()
                 | InputTranscribeReq()
             ):
-                raise ApiError(400, "unsupported_request", f"{request.type} is not supported by this server")
+                raise UnsupportedRequest(f"{request.type} is not supported by this server")
+        if isinstance(request, ThreadsCreateReq | ThreadsAddUserMessageReq):
+            _check_text(request)
         return await self.process(body, context)
-
-    @staticmethod
-    def _check_input(request: ThreadsCreateReq | ThreadsAddUserMessageReq) -> None:
-        # Before threads.create inserts a conversation or the user message is shown as sent.
-        if request.params.input.attachments:
-            raise attachments_refused()
-        message_text(request.params.input.content, request.params.input.quoted_text)
 
     async def respond(
         self, thread: ThreadMetadata, input_user_message: UserMessageItem | None, context: ChatKitContext
@@ -133,38 +122,48 @@ class TaskChatKitServer(ChatKitServer[ChatKitContext]):
         if input_user_message is None:  # client tool output / structured input: refused in handle()
             yield ChatKitError(message="This server only answers user messages")
             return
-        text = message_text(input_user_message.content, input_user_message.quoted_text)
+        text = message_text(input_user_message)
         if thread.title is None:  # created by this request: titled like a conversation from /api/chat
             thread.title = title_from(text)
-        deps, user_id = context.deps, context.user_id
-        try:
-            # Stores the user message under the item's id, or finds it again on threads.retry_after_item.
-            turn = await begin(
-                deps,
-                TurnInput(
-                    user_id,
-                    text,
-                    conversation_id=uuid.UUID(thread.id),
-                    user_message_id=uuid.UUID(input_user_message.id),
-                ),
-            )
-        except ApiError as exc:  # 409 busy, or 404 if the thread was deleted meanwhile
-            yield ChatKitError(message=exc.detail, allow_retry=bool(exc.retryable))
-            return
-        # The turn runs in a task of its own (its MCP connection opens and closes there); if this
-        # generator is abandoned (client gone), the task is cancelled and stores an aborted reply.
-        events = with_heartbeats(lambda: run_turn(deps, user_id, turn), deps.settings.sse_heartbeat_seconds)
+        if context.turn is None:  # threads.retry_after_item: answer the stored message again
+            try:
+                context.turn = await self._turns.begin(
+                    TurnRequest(
+                        context.user_id,
+                        text,
+                        conversation_id=uuid.UUID(thread.id),
+                        user_message_id=uuid.UUID(input_user_message.id),
+                        regenerate=context.regenerate,
+                    )
+                )
+            except ServiceError as error:  # busy, or the thread was deleted meanwhile
+                yield error_event(error)
+                return
+        context.stream = self._turns.stream(context.turn)
         reply = _Reply(thread.id)
-        async for event in events:
+        async for event in context.stream:
             for chatkit_event in reply.translate(event):
                 yield chatkit_event
 
     async def handle_stream_cancelled(
         self, thread: ThreadMetadata, pending_items: list[ThreadItem], context: ChatKitContext
     ) -> None:
-        # run_turn has stored the partial answer as aborted; the SDK's default would store it again
+        # The turn has stored the partial answer as aborted; the SDK's default would store it again
         # plus a hidden note, and our history already leaves aborted replies out.
         return
+
+
+def _check_text(request: ThreadsCreateReq | ThreadsAddUserMessageReq) -> None:
+    """Refuse an empty or oversized message (422) before threads.create makes anything."""
+    item = UserMessageItem(
+        id="check",
+        thread_id="check",
+        created_at=utcnow(),
+        content=request.params.input.content,
+        quoted_text=request.params.input.quoted_text,
+        inference_options=request.params.input.inference_options,
+    )
+    message_text(item)
 
 
 @dataclass
@@ -177,24 +176,24 @@ class _Reply:
     text: str = ""
 
     def translate(self, event: TurnEvent | None) -> Iterator[ThreadStreamEvent]:
-        if isinstance(event, StartEvent):
-            self.message_id = event.message_id
-        elif isinstance(event, ToolCallEvent):
+        if isinstance(event, TurnStarted):
+            self.message_id = str(event.message_id)
+        elif isinstance(event, ToolCalled):
             yield ProgressUpdateEvent(icon="bolt", text=_TOOL_PROGRESS.get(event.name, f"Using {event.name}"))
-        elif isinstance(event, TokenEvent):
+        elif isinstance(event, Token):
             yield from self._open()
             self.text += event.token
             yield ThreadItemUpdatedEvent(
                 item_id=self.message_id,
                 update=AssistantMessageContentPartTextDelta(content_index=0, delta=event.token),
             )
-        elif isinstance(event, CompleteEvent):
-            self.message_id = event.message_id
-            yield from self._close(event.full_content)
+        elif isinstance(event, TurnCompleted):
+            self.message_id = str(event.message_id)
+            yield from self._close(event.content)
         elif isinstance(event, TurnError):
             # What was said before the failure is stored with the error, so it stays on screen.
             yield from self._close(self.text)
-            yield ChatKitError(message=event.message, allow_retry=event.retryable)
+            yield error_event(event.error)
         # Heartbeats (None) and tool results (the answer reports them) add nothing here.
 
     def _open(self) -> Iterator[ThreadStreamEvent]:

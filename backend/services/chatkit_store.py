@@ -1,24 +1,22 @@
 """A ChatKit `Store` over our tables: a thread is a conversation, its items are the messages.
 
-Every query is scoped by the user of the request (the JWT's `sub`, carried in the context), so
-another user's thread answers exactly like a missing one. Database work runs in a worker thread
-with a short session of its own; nothing is held between calls.
+Every query is scoped by the user of the request (the verified JWT's `sub`, the only thing the
+context carries besides this request's own scratch), so another user's thread answers exactly like
+a missing one. Each call is one unit of `Database.run`; nothing is held between calls.
 
-Messages are written by the turn service only (services/turn.py): it stores the user message in
-the transaction that claims the conversation (a busy conversation gets nothing) and the assistant
-message when the run ends, whatever way it ends. So the item writes `ChatKitServer` makes around
-`respond()` have nothing left to do, and are no-ops for messages.
+Messages are written by the turn service only. The user's message is stored by `begin` (which also
+claims the conversation and checks the user's limits): ChatKit asks the store to add the user item
+before it announces it, so that is where the turn begins, and a refused turn is never announced.
+A new thread is created by that same transaction, so a refused first message leaves no empty
+thread behind. The assistant message is stored when the run ends, whatever way it ends; ChatKit's
+own writes of it are no-ops here.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
-import anyio
-import sqlalchemy as sa
 from chatkit.store import NotFoundError, Store, StoreItemType
 from chatkit.types import (
     AssistantMessageContent,
@@ -32,33 +30,36 @@ from chatkit.types import (
     UserMessageTextContent,
 )
 from pydantic import TypeAdapter
-from sqlmodel import Session, col, select
+from sqlalchemy import Connection
 
-from backend.db import session_scope
-from backend.errors import ApiError, invalid
-from backend.models import Conversation, Message, Role, Title, utcnow
+from backend.db import Database
+from backend.failures import InvalidInput, UnsupportedRequest
+from backend.models import MessageText, Role, Title
 from backend.services import conversations
-from backend.services.turn import TurnDeps
-from backend.services.turn_store import busy
-
-T = TypeVar("T")
+from backend.services.conversations import AnyRow
+from backend.services.turn import TurnService, TurnStream
+from backend.services.turn_store import BegunTurn, TurnRequest, title_from
 
 MAX_PAGE = 100
 _TITLE: TypeAdapter[str] = TypeAdapter(Title)
+_MESSAGE: TypeAdapter[str] = TypeAdapter(MessageText)
 
 
 @dataclass
 class ChatKitContext:
-    """Per request: who is asking (from the verified JWT) and the process-wide turn plumbing."""
+    """Who is asking (from the verified JWT), plus this request's own scratch."""
 
     user_id: str
-    deps: TurnDeps
-    # Ids this request handed out for new threads: only these may be inserted by `save_thread`.
-    new_thread_ids: set[str] = field(default_factory=set)
+    # Threads this request created (threads.create): stored with their first message, by the turn.
+    new_threads: dict[str, str | None] = field(default_factory=dict)
+    # The turn this request began, and its stream once it runs: closed when the response ends.
+    turn: BegunTurn | None = None
+    stream: TurnStream | None = None
+    regenerate: bool = False
 
 
-def attachments_refused() -> ApiError:
-    return ApiError(400, "attachments_not_supported", "File attachments are not supported; send text only")
+def attachments_refused() -> UnsupportedRequest:
+    return UnsupportedRequest("File attachments are not supported; send text only", code="attachments_not_supported")
 
 
 def clean_title(title: str) -> str:
@@ -66,32 +67,23 @@ def clean_title(title: str) -> str:
     return _TITLE.validate_python(title)
 
 
-def _uuid(value: str) -> uuid.UUID | None:
+def message_text(item: UserMessageItem) -> str:
+    """The text the turn stores and the model reads; raises ValidationError like /api/chat's 422."""
+    text = "".join(part.text for part in item.content)
+    if item.quoted_text:
+        text = f"> {item.quoted_text}\n\n{text}"
+    return _MESSAGE.validate_python(text)
+
+
+def thread_uuid(thread_id: str) -> uuid.UUID:
+    """Thread ids are conversation UUIDs; anything else names no thread."""
     try:
-        return uuid.UUID(value)
+        return uuid.UUID(thread_id)
     except ValueError:
-        return None
+        raise NotFoundError(f"Thread {thread_id} not found") from None
 
 
-def _owned(session: Session, thread_id: str, user_id: str, *, lock: bool = False) -> Conversation:
-    conversation_id = _uuid(thread_id)
-    found = conversations.get_owned(session, conversation_id, user_id, lock=lock) if conversation_id else None
-    if found is None:
-        raise NotFoundError(f"Thread {thread_id} not found")
-    return found
-
-
-def _thread(conversation: Conversation) -> ThreadMetadata:
-    return ThreadMetadata(id=str(conversation.id), title=conversation.title, created_at=conversation.created_at)
-
-
-def _shown() -> sa.ColumnElement[bool]:
-    # An assistant reply that failed before saying anything stays on record (REST shows it) but has
-    # nothing to show in ChatKit's transcript.
-    return sa.or_(col(Message.role) == Role.user, col(Message.content) != "")
-
-
-def to_item(message: Message) -> ThreadItem:
+def to_item(message: AnyRow) -> ThreadItem:
     thread_id, item_id = str(message.conversation_id), str(message.id)
     if message.role == Role.user:
         return UserMessageItem(
@@ -110,72 +102,54 @@ def to_item(message: Message) -> ThreadItem:
 
 
 class ConversationStore(Store[ChatKitContext]):
-    async def _db(self, context: ChatKitContext, work: Callable[[Session], T]) -> T:
-        def run() -> T:
-            with session_scope(context.deps.engine) as session:
-                return work(session)
-
-        return await anyio.to_thread.run_sync(run)
+    def __init__(self, db: Database, turns: TurnService) -> None:
+        self._db = db
+        self._turns = turns
 
     # --- ids: conversation and message ids are UUIDs ------------------------------------------
 
     def generate_thread_id(self, context: ChatKitContext) -> str:
         thread_id = str(uuid.uuid4())
-        context.new_thread_ids.add(thread_id)
+        context.new_threads[thread_id] = None
         return thread_id
 
     def generate_item_id(self, item_type: StoreItemType, thread: ThreadMetadata, context: ChatKitContext) -> str:
-        # The user message item's id becomes the stored message's id (see TurnInput.user_message_id).
+        # The user message item's id becomes the stored message's id (TurnRequest.user_message_id).
         return str(uuid.uuid4())
 
     # --- threads -------------------------------------------------------------------------------
 
     async def load_thread(self, thread_id: str, context: ChatKitContext) -> ThreadMetadata:
-        return _thread(await self._db(context, lambda s: _owned(s, thread_id, context.user_id)))
+        conversation_id, user = thread_uuid(thread_id), context.user_id
+        found = await self._db.run(lambda c: conversations.owned(c, conversation_id, user))
+        return ThreadMetadata(id=thread_id, title=found.title, created_at=found.created_at)
 
     async def save_thread(self, thread: ThreadMetadata, context: ChatKitContext) -> None:
-        """Insert a thread this request created (threads.create), else rename an owned one."""
-
-        def work(session: Session) -> None:
-            conversation_id = _uuid(thread.id)
-            found = conversations.get_owned(session, conversation_id, context.user_id) if conversation_id else None
-            if found is None:
-                if conversation_id is None or thread.id not in context.new_thread_ids:
-                    raise NotFoundError(f"Thread {thread.id} not found")
-                now = utcnow()
-                created = Conversation(id=conversation_id, user_id=context.user_id, created_at=now, updated_at=now)
-                if thread.title is not None:
-                    created.title = clean_title(thread.title)
-                session.add(created)
-            elif thread.title is not None and thread.title != found.title:
-                conversations.rename(session, found, clean_title(thread.title))
-
-        await self._db(context, work)
+        """A new thread waits for its first message (the turn creates it); an owned one is renamed."""
+        title = clean_title(thread.title) if thread.title is not None else None
+        if thread.id in context.new_threads:
+            context.new_threads[thread.id] = title
+            return
+        if title is not None:
+            conversation_id, user = thread_uuid(thread.id), context.user_id
+            await self._db.run(lambda c: conversations.rename(c, conversation_id, user, title))
 
     async def load_threads(
         self, limit: int, after: str | None, order: str, context: ChatKitContext
     ) -> Page[ThreadMetadata]:
         """Keyset pages on (updated_at, id), the order of GET /api/conversations; `after` is its cursor."""
-        limit = max(1, min(limit, MAX_PAGE))
-        desc = order != "asc"
-
-        def work(session: Session) -> Page[ThreadMetadata]:
-            query = select(Conversation).where(Conversation.user_id == context.user_id)
-            key = sa.tuple_(Conversation.updated_at, Conversation.id)
-            if after:
-                anchor = sa.tuple_(*conversations.decode_cursor(after))
-                query = query.where(key < anchor if desc else key > anchor)
-            updated, ident = col(Conversation.updated_at), col(Conversation.id)
-            ordering = (updated.desc(), ident.desc()) if desc else (updated.asc(), ident.asc())
-            rows = list(session.exec(query.order_by(*ordering).limit(limit + 1)).all())
-            page = rows[:limit]
-            cursor = conversations.encode_cursor(page[-1].updated_at, page[-1].id) if page else None
-            return Page(data=[_thread(c) for c in page], has_more=len(rows) > limit, after=cursor)
-
-        return await self._db(context, work)
+        limit, user = max(1, min(limit, MAX_PAGE)), context.user_id
+        rows, more = await self._db.run(
+            lambda c: conversations.conversation_page(
+                c, user, limit=limit, after=after, descending=order != "asc", cursor_field=("body", "after")
+            )
+        )
+        threads = [ThreadMetadata(id=str(row.id), title=row.title, created_at=row.created_at) for row in rows]
+        return Page(data=threads, has_more=more, after=conversations.cursor_after(rows))
 
     async def delete_thread(self, thread_id: str, context: ChatKitContext) -> None:
-        await self._db(context, lambda s: conversations.delete(s, _owned(s, thread_id, context.user_id, lock=True)))
+        conversation_id, user = thread_uuid(thread_id), context.user_id
+        await self._db.run(lambda c: conversations.delete(c, conversation_id, user))
 
     # --- items ---------------------------------------------------------------------------------
 
@@ -183,82 +157,59 @@ class ConversationStore(Store[ChatKitContext]):
         self, thread_id: str, after: str | None, limit: int, order: str, context: ChatKitContext
     ) -> Page[ThreadItem]:
         """Messages in their strict order (`seq`); `after` is the id of the last item already seen."""
-        limit = max(1, min(limit, MAX_PAGE))
-        desc = order == "desc"
+        conversation_id, user = thread_uuid(thread_id), context.user_id
+        anchor = _cursor_uuid(after) if after is not None else None
 
-        def work(session: Session) -> Page[ThreadItem]:
-            conversation = _owned(session, thread_id, context.user_id)
-            query = select(Message).where(Message.conversation_id == conversation.id, _shown())
-            if after is not None:
-                after_id = _uuid(after)
-                anchor = (
-                    session.exec(
-                        select(Message.seq).where(Message.conversation_id == conversation.id, Message.id == after_id)
-                    ).first()
-                    if after_id
-                    else None
-                )
-                if anchor is None:
-                    raise invalid("body", "after", "after is not an item of this thread", "invalid_cursor")
-                query = query.where(Message.seq < anchor if desc else Message.seq > anchor)
-            seq = col(Message.seq)
-            rows = list(session.exec(query.order_by(seq.desc() if desc else seq.asc()).limit(limit + 1)).all())
-            page = rows[:limit]
-            return Page(
-                data=[to_item(m) for m in page],
-                has_more=len(rows) > limit,
-                after=str(page[-1].id) if page else None,
+        def work(connection: Connection) -> tuple[list[AnyRow], bool]:
+            conversations.owned(connection, conversation_id, user)
+            return conversations.message_page(
+                connection,
+                conversation_id,
+                limit=max(1, min(limit, MAX_PAGE)),
+                after=anchor,
+                descending=order == "desc",
+                field=("body", "after"),
+                only_shown=True,
             )
 
-        return await self._db(context, work)
+        rows, more = await self._db.run(work)
+        return Page(data=[to_item(m) for m in rows], has_more=more, after=str(rows[-1].id) if rows else None)
 
     async def load_item(self, thread_id: str, item_id: str, context: ChatKitContext) -> ThreadItem:
-        def work(session: Session) -> ThreadItem:
-            conversation = _owned(session, thread_id, context.user_id)
-            message_id = _uuid(item_id)
-            message = (
-                session.exec(
-                    select(Message).where(
-                        Message.conversation_id == conversation.id, Message.id == message_id, _shown()
-                    )
-                ).first()
-                if message_id
-                else None
-            )
-            if message is None:
-                raise NotFoundError(f"Item {item_id} not found")
-            return to_item(message)
+        conversation_id, user, message_id = thread_uuid(thread_id), context.user_id, _item_uuid(item_id)
 
-        return await self._db(context, work)
+        def work(connection: Connection) -> AnyRow | None:
+            conversations.owned(connection, conversation_id, user)
+            return conversations.find_message(connection, conversation_id, message_id)
+
+        message = await self._db.run(work)
+        if message is None:
+            raise NotFoundError(f"Item {item_id} not found")
+        return to_item(message)
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: ChatKitContext) -> None:
-        # The turn service has stored (user message, in begin()) or stores (assistant message, when
-        # the run ends) every message ChatKitServer reports here: storing again would duplicate it.
-        if isinstance(item, UserMessageItem | AssistantMessageItem):
-            return
-        raise NotImplementedError(f"{item.type} items are not stored by this server")
+        """For the user's new message: begin the turn, which stores it (or refuses, before ChatKit
+        announces it). Assistant messages are stored by the turn when it ends."""
+        if isinstance(item, UserMessageItem) and context.turn is None:
+            new = thread_id in context.new_threads
+            text = message_text(item)
+            context.turn = await self._turns.begin(
+                TurnRequest(
+                    context.user_id,
+                    text,
+                    conversation_id=thread_uuid(thread_id),
+                    user_message_id=_item_uuid(item.id),
+                    create_if_missing=new,
+                    title=context.new_threads.pop(thread_id, None) or title_from(text),
+                )
+            )
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: ChatKitContext) -> None:
-        # Only replaced widget/tool/structured-input items come here; this server produces none.
-        raise NotImplementedError("thread items are written by the turn service only")
+        """Only replaced widget/tool/structured-input items come here; this server produces none."""
 
     async def delete_thread_item(self, thread_id: str, item_id: str, context: ChatKitContext) -> None:
-        """ChatKit's retry removes the items after the retried message before answering it again."""
-
-        def work(session: Session) -> None:
-            conversation = _owned(session, thread_id, context.user_id, lock=True)
-            lease = conversation.turn_lease_until
-            if lease is not None and lease > utcnow():
-                raise busy()  # never pull a message from under a running turn
-            message_id = _uuid(item_id)
-            if message_id is not None:
-                session.execute(
-                    sa.delete(Message).where(
-                        col(Message.conversation_id) == conversation.id, col(Message.id) == message_id
-                    )
-                )
-
-        await self._db(context, work)
+        """ChatKit's retry removes the items after the retried message first; the turn does that
+        itself, in the transaction that claims the conversation (so a busy one loses nothing)."""
 
     # --- attachments: refused ------------------------------------------------------------------
 
@@ -270,3 +221,19 @@ class ConversationStore(Store[ChatKitContext]):
 
     async def delete_attachment(self, attachment_id: str, context: ChatKitContext) -> None:
         raise attachments_refused()
+
+
+def _item_uuid(item_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(item_id)
+    except ValueError:
+        raise NotFoundError(f"Item {item_id} not found") from None
+
+
+def _cursor_uuid(after: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(after)
+    except ValueError:
+        raise InvalidInput(
+            "after is not an item of this thread", code="invalid_cursor", field=("body", "after")
+        ) from None

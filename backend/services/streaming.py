@@ -1,51 +1,63 @@
-"""Streaming plumbing shared by the SSE front doors (`/api/chat/stream` and `/chatkit`)."""
+"""A producer task feeding a bounded queue, read with heartbeats: the shape of every streamed answer.
+
+The producer (a turn, or the whole ChatKit pipeline) runs in a task of its own, so it can be
+cancelled as a unit when the client goes away, and it waits when the queue is full, so a client
+that stops reading holds the run back instead of growing a buffer. The reader gets None whenever
+`heartbeat` seconds pass without an item.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import TypeVar, cast
-
-import anyio
 
 T = TypeVar("T")
 
-# Keep proxies (nginx, CDNs) from buffering or transforming the event stream.
-SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+END = object()
+BUFFER = 256
 
 
-async def with_heartbeats(events: Callable[[], AsyncIterator[T]], interval: float) -> AsyncIterator[T | None]:
-    """Yield the stream's items, and None whenever `interval` passes without one.
+async def drain(
+    queue: asyncio.Queue[object], producer: asyncio.Task[None], heartbeat: float
+) -> AsyncIterator[T | None]:
+    """Items from `queue` until `END`, and None when a heartbeat is due; then surfaces the producer's
+    exception, if it crashed instead of ending with `END`."""
+    while True:
+        try:
+            async with asyncio.timeout(heartbeat):
+                item = await queue.get()
+        except TimeoutError:
+            if producer.done() and queue.empty():
+                break
+            yield None
+            continue
+        if item is END:
+            break
+        yield cast(T, item)
+    if not producer.cancelled():  # cancelled means closed by its owner: nothing to surface
+        await producer
 
-    The stream runs in a task of its own (a turn's MCP connection must open and close in one task);
-    when the client goes away this generator is closed, that task is cancelled, and a turn stores
-    its partial answer as aborted before this returns.
-    """
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    done = object()
+
+async def stop(producer: asyncio.Task[None]) -> None:
+    """Cancel a producer and wait until it has cleaned up (a turn stores its partial answer)."""
+    if not producer.done():
+        producer.cancel()
+    await asyncio.gather(producer, return_exceptions=True)
+
+
+async def with_heartbeats(source: AsyncIterable[T], heartbeat: float) -> AsyncIterator[T | None]:
+    """`source`'s items, read in a task of its own, with None whenever a heartbeat is due."""
+    queue: asyncio.Queue[object] = asyncio.Queue(BUFFER)
 
     async def produce() -> None:
-        try:
-            async for event in events():
-                await queue.put(event)
-        finally:
-            queue.put_nowait(done)
+        async for item in source:
+            await queue.put(item)
+        await queue.put(END)
 
-    task = asyncio.create_task(produce())
+    producer = asyncio.create_task(produce())
     try:
-        while True:
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=interval)
-            except TimeoutError:
-                yield None
-                continue
-            if item is done:
-                break
-            yield cast(T, item)
-        await task  # surfaces an unexpected crash of the producer
+        async for item in drain(queue, producer, heartbeat):
+            yield cast(T | None, item)
     finally:
-        if not task.done():
-            task.cancel()
-            with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(producer)

@@ -1,13 +1,12 @@
-"""The chat turn: one service behind `/api/chat`, `/api/chat/stream` and `/chatkit`.
+"""The chat turn: one service behind `/api/chat`, `/api/chat/stream`, `/api/chat/ui` and `/chatkit`.
 
-`run_turn` is an async generator of `TurnEvent`s. The front doors differ only in how they deliver
-those events (one JSON body, our SSE events, ChatKit events). Steps (DESIGN.md, "A chat turn"):
-
-1. `begin_turn`: claim the conversation (409 if a turn runs), store the user message, read history.
-2. Build a fresh agent with the model and the MCP server carrying a per-turn delegation token.
-3. Run it streamed, with no database session held, renewing the lease meanwhile.
-4. `finish_turn`: store the assistant message: complete, error (with a contract error), or aborted
-   when the client went away.
+`begin` runs the first transaction (claim, store the user message, read history; see turn_store).
+Then a front door either `run`s the turn for one JSON answer (the model is called without streaming:
+nobody reads tokens) or `stream`s it as events. Either way the turn runs under its lease (renewed,
+fenced when lost), within `TURN_TIMEOUT_SECONDS`, with a fresh agent whose task tools carry a
+delegation token minted for this user and turn, and no database connection is held meanwhile.
+However it ends, its reply is stored: `complete`, `error` (the failure is answered too), or
+`aborted` when the client went away.
 """
 
 from __future__ import annotations
@@ -16,192 +15,49 @@ import asyncio
 import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-import anyio
-import httpx2
-import openai
-from agents import (
-    MaxTurnsExceeded,
-    Model,
-    ModelBehaviorError,
-    RawResponsesStreamEvent,
-    RunItemStreamEvent,
-    Runner,
-    TResponseInputItem,
+from agents import Model, RawResponsesStreamEvent, RunHooks, RunItemStreamEvent, Runner, TResponseInputItem
+from agents.items import ModelResponse, ToolCallItem, ToolCallOutputItem
+from agents.tool_context import ToolContext
+from openai.types.responses import (
+    ResponseCompletedEvent,
+    ResponseOutputMessage,
+    ResponseOutputText,
+    ResponseTextDeltaEvent,
 )
-from agents.exceptions import ModelTimeoutError
-from agents.items import ToolCallItem, ToolCallOutputItem
-from mcp.shared.exceptions import MCPError
-from openai.types.responses import ResponseTextDeltaEvent
-from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
-from backend.agent.factory import McpUnavailable, build_agent, make_mcp_server, make_model
+from backend.agent.factory import build_agent
+from backend.agent.failures import classify, describe
+from backend.agent.mcp_client import TURN_CALL, TaskServer, TurnCall
 from backend.agent.tool_output import parse_tool_output
 from backend.config import Settings
-from backend.delegation import mint_delegation_token
+from backend.db import Database
+from backend.delegation import mint_turn_token
+from backend.failures import ConversationBusy, ServiceError
 from backend.models import MessageStatus, Role
-from backend.services import turn_store
-from backend.services.turn_store import BegunTurn, HistoryMessage
+from backend.services import streaming, turn_store
+from backend.services.limits import Limits
+from backend.services.turn_events import (
+    Token,
+    ToolCalled,
+    ToolReturned,
+    TurnCompleted,
+    TurnError,
+    TurnEvent,
+    TurnStarted,
+    zero_usage,
+)
+from backend.services.turn_lease import TurnLease
+from backend.services.turn_store import BegunTurn, HistoryMessage, Outcome, TurnPolicy, TurnRequest
 
 log = logging.getLogger(__name__)
 
-
-# --- events ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StartEvent:
-    conversation_id: str
-    message_id: str
-    type: Literal["start"] = "start"
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token: str
-    index: int
-    type: Literal["token"] = "token"
-
-
-@dataclass(frozen=True)
-class ToolCallEvent:
-    call_id: str
-    name: str
-    arguments: dict[str, Any]
-    type: Literal["tool_call"] = "tool_call"
-
-
-@dataclass(frozen=True)
-class ToolResultEvent:
-    call_id: str
-    name: str
-    result: Any
-    type: Literal["tool_result"] = "tool_result"
-
-
-@dataclass(frozen=True)
-class CompleteEvent:
-    conversation_id: str
-    message_id: str
-    full_content: str
-    tool_calls: list[dict[str, Any]]
-    usage: dict[str, int]
-    model: str
-    duration_ms: int
-    type: Literal["complete"] = "complete"
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    code: str
-    message: str
-    retryable: bool
-    status_code: int
-    conversation_id: str
-    message_id: str
-    type: Literal["error"] = "error"
-
-    def public(self) -> dict[str, Any]:
-        return {"type": "error", "code": self.code, "message": self.message, "retryable": self.retryable}
-
-
-TurnEvent = StartEvent | TokenEvent | ToolCallEvent | ToolResultEvent | CompleteEvent | ErrorEvent
-
-
-def event_dict(event: TurnEvent) -> dict[str, Any]:
-    return event.public() if isinstance(event, ErrorEvent) else asdict(event)
-
-
-# --- failures -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Failure:
-    status_code: int
-    code: str
-    message: str
-    retryable: bool
-
-
-def classify(exc: BaseException) -> Failure:
-    """Map an exception from the run to the contract's answer. Upstream text never reaches clients."""
-    # LiteLLM wraps errors raised while streaming (MidStreamFallbackError); judge the original.
-    original = getattr(exc, "original_exception", None)
-    if isinstance(original, BaseException) and original is not exc:
-        return classify(original)
-    if any(isinstance(cause, McpUnavailable | MCPError) for cause in _causes(exc)):
-        return Failure(503, "mcp_unavailable", "The task service is unavailable; try again shortly", True)
-    if isinstance(exc, TimeoutError | ModelTimeoutError | openai.APITimeoutError):
-        return Failure(504, "model_timeout", "The model took too long to answer; try again", True)
-    if isinstance(exc, MaxTurnsExceeded):
-        return Failure(502, "max_turns_exceeded", "The assistant needed too many steps for this request", False)
-    if isinstance(exc, openai.RateLimitError):
-        return Failure(502, "model_rate_limited", "The model provider is rate limiting requests; try again", True)
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-        return Failure(502, "model_auth_failed", "The model provider rejected the server's credentials", False)
-    if isinstance(exc, openai.APIConnectionError):
-        return Failure(502, "model_unavailable", "The model provider could not be reached; try again", True)
-    if isinstance(exc, openai.APIStatusError):
-        retryable = exc.status_code >= 500
-        return Failure(502, "model_error", "The model provider returned an error", retryable)
-    if isinstance(exc, ModelBehaviorError):
-        return Failure(502, "model_error", "The model produced an invalid response", True)
-    return Failure(502, "model_error", "The assistant failed to answer", True)
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-# --- the turn -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TurnDeps:
-    """Process-wide plumbing a turn needs (no per-user state)."""
-
-    engine: Engine
-    settings: Settings
-    model_factory: Callable[[], Model]
-
-    @classmethod
-    def create(cls, engine: Engine, settings: Settings, model_factory: Callable[[], Model] | None = None) -> TurnDeps:
-        return cls(engine, settings, model_factory or (lambda: make_model(settings)))
-
-
-@dataclass
-class TurnInput:
-    user_id: str
-    message: str
-    conversation_id: uuid.UUID | None = None
-    client_message_id: str | None = None
-    # Set by ChatKit, which names the user message item before the turn stores it.
-    user_message_id: uuid.UUID | None = None
-
-
-@dataclass
-class _Progress:
-    """What the run produced so far; stored whatever way the turn ends."""
-
-    text: list[str] = field(default_factory=list)
-    tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
-    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0})
-
-    @property
-    def content(self) -> str:
-        return "".join(self.text)
-
-    def calls(self) -> list[dict[str, Any]]:
-        return [{k: v for k, v in call.items() if k != "call_id"} for call in self.tool_calls.values()]
+# Between assistant messages of one answer (text before a tool call, text after it).
+PARAGRAPH = "\n\n"
 
 
 def history_items(history: list[HistoryMessage]) -> list[TResponseInputItem]:
@@ -209,172 +65,273 @@ def history_items(history: list[HistoryMessage]) -> list[TResponseInputItem]:
     return [{"role": "user" if m.role == Role.user else "assistant", "content": m.content} for m in history]
 
 
-async def begin(deps: TurnDeps, request: TurnInput) -> BegunTurn:
-    settings = deps.settings
-    return await anyio.to_thread.run_sync(
-        lambda: turn_store.begin_turn(
-            deps.engine,
-            user_id=request.user_id,
-            message=request.message,
-            conversation_id=request.conversation_id,
-            client_message_id=request.client_message_id,
+class TurnRecorder(RunHooks[Any]):
+    """What a run did, from the SDK's hooks: tool calls with their results, usage, and each model
+    response's text. It sees every completed model call and tool call, however the run ends."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, dict[str, Any]] = {}
+        self.usage = zero_usage()
+        self.texts: list[str] = []
+
+    async def on_llm_end(self, context: Any, agent: Any, response: ModelResponse) -> None:
+        self.usage["input_tokens"] += response.usage.input_tokens
+        self.usage["output_tokens"] += response.usage.output_tokens
+        self.usage["total_tokens"] += response.usage.total_tokens
+        text = "".join(
+            part.text
+            for item in response.output
+            if isinstance(item, ResponseOutputMessage)
+            for part in item.content
+            if isinstance(part, ResponseOutputText)
+        )
+        if text:
+            self.texts.append(text)
+
+    async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
+        if isinstance(context, ToolContext):
+            try:
+                arguments = json.loads(context.tool_arguments or "{}")
+            except ValueError:
+                arguments = {"_raw": context.tool_arguments}
+            self.calls[context.tool_call_id] = {"name": context.tool_name, "arguments": arguments, "result": None}
+
+    async def on_tool_end(self, context: Any, agent: Any, tool: Any, result: object) -> None:
+        if isinstance(context, ToolContext) and (call := self.calls.get(context.tool_call_id)) is not None:
+            call["result"] = parse_tool_output(result)
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return list(self.calls.values())
+
+
+@dataclass
+class _Run:
+    """One attempt at answering: what it produced so far, stored however it ends."""
+
+    turn: BegunTurn
+    model: str
+    recorder: TurnRecorder = field(default_factory=TurnRecorder)
+    streamed_text: list[str] | None = None  # streamed runs: the text as sent, partial answers included
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def content(self) -> str:
+        if self.streamed_text is not None:
+            return "".join(self.streamed_text)
+        return PARAGRAPH.join(self.recorder.texts)
+
+    def outcome(self, status: MessageStatus, error_code: str | None = None) -> Outcome:
+        return Outcome(
+            status=status,
+            content=self.content,
+            tool_calls=self.recorder.tool_calls(),
+            usage=dict(self.recorder.usage),
+            model=self.model,
+            duration_ms=self.duration_ms,
+            error_code=error_code,
+        )
+
+    @property
+    def duration_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+
+Emit = Callable[[TurnEvent], Awaitable[None]]
+
+
+class TurnService:
+    """Process-wide plumbing for turns (no per-user state): the database, the model, the task tools."""
+
+    def __init__(self, db: Database, settings: Settings, model_factory: Callable[[], Model], tools: TaskServer) -> None:
+        self.db = db
+        self.settings = settings
+        self.tools = tools
+        self._model_factory = model_factory
+        self._policy = TurnPolicy(
             lease_seconds=settings.turn_lease_seconds,
             history_max_messages=settings.history_max_messages,
             history_max_chars=settings.history_max_chars,
-            user_message_id=request.user_message_id,
+            limits=Limits(settings.user_turns_per_minute, settings.user_tokens_per_day, settings.user_concurrent_turns),
         )
-    )
 
+    async def begin(self, request: TurnRequest) -> BegunTurn:
+        try:
+            return await self.db.run(lambda c: turn_store.begin_turn(c, request, self._policy))
+        except IntegrityError:
+            if request.idempotency_key is None:
+                raise
+            # The same key's first use raced this one and won: begin again to find what it stored.
+            return await self.db.run(lambda c: turn_store.begin_turn(c, request, self._policy))
 
-async def run_turn(deps: TurnDeps, user_id: str, turn: BegunTurn) -> AsyncIterator[TurnEvent]:
-    """Run a begun turn and yield its events; the last one is `complete` or `error`.
+    async def run(self, turn: BegunTurn, request_id: str | None = None) -> TurnCompleted:
+        """The whole turn for one JSON answer; raises the turn's ServiceError (its reply is stored)."""
+        if turn.replay is not None:
+            return _replayed(turn)
+        attempt = _Run(turn, self.settings.model_name)
+        event = await self._attempt(attempt, request_id, None)
+        if isinstance(event, TurnError):
+            raise event.error
+        return event
 
-    If the consumer stops iterating (client gone), the partial answer is stored as `aborted`.
-    """
-    conversation_id, message_id = str(turn.conversation_id), str(turn.assistant_message_id)
-    yield StartEvent(conversation_id, message_id)
-    if turn.replay is not None:
-        reply = turn.replay
-        yield CompleteEvent(
-            conversation_id,
-            str(reply.message_id),
-            reply.content,
-            reply.tool_calls,
-            reply.usage or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
-            reply.model or "",
-            reply.duration_ms or 0,
-        )
-        return
+    def stream(self, turn: BegunTurn, request_id: str | None = None) -> TurnStream:
+        """The turn as events, for a streaming front door; the front door must `aclose()` it."""
+        return TurnStream(self, turn, request_id)
 
-    engine, settings = deps.engine, deps.settings
-    model_name = settings.model_name
-    progress = _Progress()
-    started = time.monotonic()
-    finished = False
+    async def abandon(self, turn: BegunTurn) -> None:
+        """A begun turn that will never run (its client left first): store it aborted, free the lease."""
+        if turn.replay is None:
+            await self._store(_Run(turn, self.settings.model_name), MessageStatus.aborted, "client_disconnected")
 
-    async def store(status: MessageStatus, error_code: str | None = None) -> None:
-        nonlocal finished
-        finished = True
-        duration = int((time.monotonic() - started) * 1000)
-        # Shielded: the store must happen even while the request is being cancelled.
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(
-                lambda: turn_store.finish_turn(
-                    engine,
-                    turn,
-                    content=progress.content,
-                    status=status,
-                    tool_calls=progress.calls(),
-                    usage=progress.usage,
-                    model=model_name,
-                    duration_ms=duration,
-                    error_code=error_code,
-                )
+    # --- running ---------------------------------------------------------------------------------------
+
+    async def _attempt(self, attempt: _Run, request_id: str | None, emit: Emit | None) -> TurnCompleted | TurnError:
+        turn = attempt.turn
+        try:
+            async with TurnLease(self.db, turn, self.settings.turn_lease_seconds) as lease:
+                async with asyncio.timeout(self.settings.turn_timeout_seconds):
+                    await self._execute(attempt, request_id, emit)
+        except asyncio.CancelledError:
+            await self._store(attempt, MessageStatus.aborted, "client_disconnected")
+            raise
+        except Exception as error:
+            failure = classify(error)
+            log.warning(
+                "turn failed: %s (%s)", failure.code, describe(error), exc_info=failure.code == "internal_error"
             )
+            return await self._fail(attempt, failure)
+        if lease.lost is not None:
+            return await self._fail(attempt, lease.lost)
+        try:
+            stored = await self._store(attempt, MessageStatus.complete)
+        except ServiceError as failure:
+            return TurnError(_attach(failure, turn), turn.conversation_id, turn.assistant_message_id)
+        if not stored:  # the lease was taken over between the run's end and its storing
+            return await self._fail(attempt, lease.lost or ConversationBusy())
+        recorder = attempt.recorder
+        return TurnCompleted(
+            turn.conversation_id,
+            turn.assistant_message_id,
+            attempt.content,
+            recorder.tool_calls(),
+            dict(recorder.usage),
+            attempt.model,
+            attempt.duration_ms,
+        )
+
+    async def _fail(self, attempt: _Run, failure: ServiceError) -> TurnError:
+        turn = attempt.turn
+        try:
+            await self._store(attempt, MessageStatus.error, failure.code)
+        except ServiceError as unstored:
+            failure = unstored
+        return TurnError(_attach(failure, turn), turn.conversation_id, turn.assistant_message_id)
+
+    async def _execute(self, attempt: _Run, request_id: str | None, emit: Emit | None) -> None:
+        settings, turn = self.settings, attempt.turn
+        token = mint_turn_token(
+            settings.resolved_mcp_secret(),
+            turn.user_id,
+            conversation_id=turn.conversation_id,
+            turn_id=turn.turn_id,
+            replay_scope=turn.replay_scope,
+            ttl_seconds=settings.mcp_token_ttl_seconds,
+        )
+        # The task tools read who they act for from here (see mcp_client); the SDK's tasks inherit it.
+        call = TURN_CALL.set(TurnCall(token, request_id))
+        try:
+            await self._run_agent(attempt, emit)
+        finally:
+            TURN_CALL.reset(call)
+
+    async def _run_agent(self, attempt: _Run, emit: Emit | None) -> None:
+        settings = self.settings
+        agent = build_agent(settings, self._model_factory(), self.tools)
+        items = history_items(attempt.turn.history)
+        if emit is None:
+            await Runner.run(agent, input=items, max_turns=settings.agent_max_turns, hooks=attempt.recorder)
+            return
+        text: list[str] = []
+        attempt.streamed_text = text
+        result = Runner.run_streamed(agent, input=items, max_turns=settings.agent_max_turns, hooks=attempt.recorder)
+        index, paragraph = 0, False
+        async for event in result.stream_events():
+            if isinstance(event, RawResponsesStreamEvent):
+                data = event.data
+                if isinstance(data, ResponseTextDeltaEvent) and data.delta:
+                    if paragraph and text:  # a new assistant message after earlier text: keep them apart
+                        text.append(PARAGRAPH)
+                        await emit(Token(PARAGRAPH, index))
+                        index += 1
+                    paragraph = False
+                    text.append(data.delta)
+                    await emit(Token(data.delta, index))
+                    index += 1
+                elif isinstance(data, ResponseCompletedEvent):
+                    paragraph = True
+            elif isinstance(event, RunItemStreamEvent):
+                if isinstance(event.item, ToolCallItem):
+                    raw = _raw(event.item.raw_item)
+                    if raw.get("type") == "function_call":
+                        arguments = _arguments(raw.get("arguments"))
+                        await emit(ToolCalled(str(raw.get("call_id")), str(raw.get("name")), arguments))
+                elif isinstance(event.item, ToolCallOutputItem):
+                    call_id = str(_raw(event.item.raw_item).get("call_id", ""))
+                    call = attempt.recorder.calls.get(call_id)
+                    name = call["name"] if call else ""
+                    await emit(ToolReturned(call_id, name, parse_tool_output(event.item.output)))
+
+    async def _store(self, attempt: _Run, status: MessageStatus, error_code: str | None = None) -> bool:
+        """Store the attempt's reply and release the lease, even while the request is being cancelled."""
+        outcome = attempt.outcome(status, error_code)
+        turn = attempt.turn
+        store = asyncio.ensure_future(self._finish(turn, outcome))
+        try:
+            stored = await asyncio.shield(store)
+        except asyncio.CancelledError:
+            await asyncio.shield(store)  # cancelled again while storing: finish storing, then go
+            raise
         # One line per turn: enough to follow latency, cost and failures without logging content.
         log.info(
-            "turn conversation=%s message=%s status=%s%s model=%s duration_ms=%d tokens=%d tools=%s",
-            conversation_id,
-            message_id,
+            "turn conversation=%s message=%s status=%s%s model=%s duration_ms=%d tokens=%d tools=%s%s",
+            turn.conversation_id,
+            turn.assistant_message_id,
             status.value,
             f" code={error_code}" if error_code else "",
-            model_name,
-            duration,
-            progress.usage["total_tokens"],
-            ",".join(call["name"] for call in progress.calls()) or "-",
+            outcome.model,
+            outcome.duration_ms,
+            outcome.usage["total_tokens"],
+            ",".join(call["name"] for call in outcome.tool_calls) or "-",
+            "" if stored else " (not stored: the lease was taken over)",
         )
+        return stored
 
-    renewer = asyncio.create_task(_renew_lease(engine, settings, turn))
-    try:
-        async with asyncio.timeout(settings.turn_timeout_seconds):
-            async for event in _run_agent(deps, user_id, turn, progress):
-                yield event
-        await store(MessageStatus.complete)
-        yield CompleteEvent(
-            conversation_id,
-            message_id,
-            progress.content,
-            progress.calls(),
-            progress.usage,
-            model_name,
-            int((time.monotonic() - started) * 1000),
-        )
-    except (asyncio.CancelledError, GeneratorExit):
-        if not finished:
-            await store(MessageStatus.aborted, "client_disconnected")
-        raise
-    except Exception as exc:
-        failure = classify(exc)
-        log.warning("turn failed: %s (%s)", failure.code, type(exc).__name__, exc_info=failure.code == "model_error")
-        await store(MessageStatus.error, failure.code)
-        yield ErrorEvent(
-            failure.code, failure.message, failure.retryable, failure.status_code, conversation_id, message_id
-        )
-    finally:
-        renewer.cancel()
-
-
-async def _renew_lease(engine: Engine, settings: Settings, turn: BegunTurn) -> None:
-    interval = settings.turn_lease_seconds / 3
-    while True:
-        await asyncio.sleep(interval)
+    async def _finish(self, turn: BegunTurn, outcome: Outcome) -> bool:
         try:
-            await anyio.to_thread.run_sync(
-                lambda: turn_store.renew_lease(engine, turn.conversation_id, turn.turn_id, settings.turn_lease_seconds)
-            )
-        except Exception:
-            log.warning("could not renew the turn lease of %s", turn.conversation_id, exc_info=True)
+            return await self.db.run(lambda c: turn_store.finish_turn(c, turn, outcome))
+        except ServiceError:
+            raise
+        except Exception as error:
+            log.exception("could not store the reply of conversation %s", turn.conversation_id)
+            raise ServiceError("The reply could not be stored; try again", retryable=True) from error
 
 
-async def _run_agent(deps: TurnDeps, user_id: str, turn: BegunTurn, progress: _Progress) -> AsyncIterator[TurnEvent]:
-    settings = deps.settings
-    token = mint_delegation_token(
-        settings.resolved_mcp_secret(),
-        user_id,
-        ttl_seconds=settings.mcp_token_ttl_seconds,
-        turn=str(turn.user_message_id),  # the same for every re-run of this turn
+def _replayed(turn: BegunTurn) -> TurnCompleted:
+    reply = turn.replay
+    assert reply is not None
+    return TurnCompleted(
+        turn.conversation_id,
+        reply.message_id,
+        reply.content,
+        reply.tool_calls,
+        reply.usage or zero_usage(),
+        reply.model or "",
+        reply.duration_ms or 0,
     )
-    mcp_server = make_mcp_server(settings, token)
-    try:
-        await mcp_server.connect()  # type: ignore[no-untyped-call]
-    except Exception as exc:
-        await mcp_server.cleanup()  # type: ignore[no-untyped-call]
-        raise McpUnavailable from exc
-    try:
-        agent = build_agent(settings, deps.model_factory(), mcp_server)
-        result = Runner.run_streamed(agent, input=history_items(turn.history), max_turns=settings.agent_max_turns)
-        index = 0
-        async for event in result.stream_events():
-            if isinstance(event, RawResponsesStreamEvent) and isinstance(event.data, ResponseTextDeltaEvent):
-                if event.data.delta:
-                    progress.text.append(event.data.delta)
-                    yield TokenEvent(event.data.delta, index)
-                    index += 1
-            elif isinstance(event, RunItemStreamEvent) and isinstance(event.item, ToolCallItem):
-                call = _tool_call(event.item)
-                if call is not None:
-                    progress.tool_calls[call["call_id"]] = call
-                    yield ToolCallEvent(call["call_id"], call["name"], call["arguments"])
-            elif isinstance(event, RunItemStreamEvent) and isinstance(event.item, ToolCallOutputItem):
-                call_id = str(_raw(event.item.raw_item).get("call_id", ""))
-                entry = progress.tool_calls.get(call_id)
-                result_value = parse_tool_output(event.item.output)
-                if entry is not None:
-                    entry["result"] = result_value
-                yield ToolResultEvent(call_id, entry["name"] if entry else "", result_value)
-        usage = result.context_wrapper.usage
-        progress.usage = {
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "total_tokens": usage.total_tokens,
-        }
-        if not progress.text and isinstance(result.final_output, str):
-            progress.text.append(result.final_output)
-    except httpx2.HTTPError as exc:  # the MCP client's transport (LiteLLM never raises httpx2 errors)
-        raise McpUnavailable from exc
-    finally:
-        with anyio.CancelScope(shield=True):
-            await mcp_server.cleanup()  # type: ignore[no-untyped-call]
+
+
+def _attach(failure: ServiceError, turn: BegunTurn) -> ServiceError:
+    failure.turn = (turn.conversation_id, turn.assistant_message_id)
+    return failure
 
 
 def _raw(item: Any) -> dict[str, Any]:
@@ -384,12 +341,56 @@ def _raw(item: Any) -> dict[str, Any]:
     return dump() if callable(dump) else {}
 
 
-def _tool_call(item: ToolCallItem) -> dict[str, Any] | None:
-    raw = _raw(item.raw_item)
-    if raw.get("type") != "function_call":
-        return None
+def _arguments(raw: Any) -> dict[str, Any]:
     try:
-        arguments = json.loads(raw.get("arguments") or "{}")
+        parsed = json.loads(raw or "{}")
     except ValueError:
-        arguments = {"_raw": raw.get("arguments")}
-    return {"call_id": str(raw.get("call_id")), "name": str(raw.get("name")), "arguments": arguments, "result": None}
+        return {"_raw": raw}
+    return parsed if isinstance(parsed, dict) else {"_raw": raw}
+
+
+class TurnStream:
+    """A running turn's events for a streaming front door: `TurnEvent`s, and None when a heartbeat is
+    due (the model has been silent for `SSE_HEARTBEAT_SECONDS`).
+
+    The turn runs in a task of its own feeding a bounded queue (see streaming.py). `aclose()` ends
+    it, and a front door must call it however the response ends: a turn that never started is
+    stored as aborted and its lease freed at once; a running one is cancelled and stores its partial
+    answer as aborted.
+    """
+
+    def __init__(self, service: TurnService, turn: BegunTurn, request_id: str | None) -> None:
+        self._service = service
+        self.turn = turn
+        self._request_id = request_id
+        self._queue: asyncio.Queue[object] = asyncio.Queue(streaming.BUFFER)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[TurnEvent | None]:
+        turn = self.turn
+        yield TurnStarted(turn.conversation_id, turn.assistant_message_id)
+        if turn.replay is not None:
+            self._closed = True
+            yield _replayed(turn)
+            return
+        self._task = asyncio.create_task(self._produce())
+        try:
+            async for item in streaming.drain(self._queue, self._task, self._service.settings.sse_heartbeat_seconds):
+                yield cast(TurnEvent | None, item)
+        finally:
+            await self.aclose()
+
+    async def _produce(self) -> None:
+        attempt = _Run(self.turn, self._service.settings.model_name)
+        await self._queue.put(await self._service._attempt(attempt, self._request_id, self._queue.put))
+        await self._queue.put(streaming.END)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is None:
+            await self._service.abandon(self.turn)
+        else:
+            await streaming.stop(self._task)

@@ -16,11 +16,20 @@ def conversation(
 ) -> uuid.UUID:
     updated = datetime.now(UTC) - timedelta(minutes=age_minutes)
     with Session(engine) as session:
-        conv = Conversation(user_id=user_id, title=title, created_at=updated, updated_at=updated, last_seq=messages)
+        conv = Conversation(
+            user_id=user_id,
+            title=title,
+            created_at=updated,
+            updated_at=updated,
+            last_seq=messages,
+            message_count=messages,
+        )
         session.add(conv)
         session.flush()
         for seq in range(1, messages + 1):
             role = "user" if seq % 2 else "assistant"
-            session.add(Message(conversation_id=conv.id, seq=seq, role=role, content=f"{role} message {seq}"))
+            session.add(
+                Message(conversation_id=conv.id, user_id=user_id, seq=seq, role=role, content=f"{role} message {seq}")
+            )
         session.commit()
         return conv.id

@@ -1,0 +1,180 @@
+"""The MCP task server as the API process sees it: one HTTP client and one tool list per process.
+
+The Agents SDK's own streamable-HTTP server object owns one connection per `connect()`: per turn
+that was a new TCP connection, an `initialize`, a `tools/list` and a new HTTP client, the largest
+part of a turn's own cost. Our MCP server is stateless (every request is an independent POST), so
+`TaskServer` is a process-wide `agents.mcp.MCPServer` instead: tools are listed once (and again only
+after a transport failure), and each `tools/call` is one POST over a shared connection pool through
+the official client (`mcp.ClientSession`), in a session of its own so one failed call cannot take
+others down with it.
+
+Who a call acts for is per turn, never per process: the turn sets `TURN_CALL` (its delegation token,
+its request id) before it runs, the SDK runs the tools in tasks that inherit it, and `_TurnAuth`
+puts it on each request. `tool_meta_resolver` numbers identical calls within the run (the MCP
+server's replay key for a recovered turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types
+from agents import RunContextWrapper
+from agents.agent import AgentBase
+from agents.mcp import MCPServer
+from agents.mcp.util import MCPToolMetaContext
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from backend.config import Settings
+from backend.delegation import CALL_META
+from backend.failures import McpUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnCall:
+    """What every MCP request of one turn carries: who it acts for, and which request caused it."""
+
+    token: str
+    request_id: str | None = None
+    occurrences: Counter[str] = field(default_factory=Counter)
+
+
+TURN_CALL: ContextVar[TurnCall | None] = ContextVar("mcp_turn_call", default=None)
+
+
+class _TurnAuth(httpx2.Auth):
+    def auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
+        call = TURN_CALL.get()
+        if call is not None:
+            request.headers["Authorization"] = f"Bearer {call.token}"
+            if call.request_id:
+                request.headers["X-Request-ID"] = call.request_id
+        yield request
+
+
+@cache
+def _ssl_context() -> ssl.SSLContext:
+    # One context for the process: building one per client costs ~20 ms of CPU.
+    return ssl.create_default_context()
+
+
+def call_meta(context: MCPToolMetaContext) -> dict[str, Any]:
+    """`_meta` of a tool call: its occurrence among identical calls of this run (see the MCP replay key)."""
+    call = TURN_CALL.get()
+    if call is None:
+        return {}
+    signature = json.dumps([context.tool_name, context.arguments], sort_keys=True, default=str)
+    occurrence = call.occurrences[signature]
+    call.occurrences[signature] += 1
+    return {CALL_META: occurrence}
+
+
+class TaskServer(MCPServer):
+    """The task tools for every turn of this process; each call acts for the turn that makes it."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            use_structured_content=True,
+            # A transport failure (the server went away) fails the turn with 503 instead of becoming a
+            # tool message the model would apologise for; tool *errors* ("task 7 not found") still reach it.
+            failure_error_function=None,
+            tool_meta_resolver=call_meta,
+        )
+        self._url = settings.mcp_url
+        self._timeout = settings.mcp_timeout_seconds
+        self._http = httpx2.AsyncClient(
+            auth=_TurnAuth(),
+            timeout=settings.mcp_timeout_seconds,
+            verify=_ssl_context(),
+            follow_redirects=False,
+            limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30),
+        )
+        self._tools: list[mcp_types.Tool] | None = None
+        self._listing = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return "tasks"
+
+    async def connect(self) -> None:
+        """Nothing per run: the process-wide client is always ready."""
+
+    async def cleanup(self) -> None:
+        """Nothing per run; `aclose` ends the process-wide client."""
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def list_tools(
+        self, run_context: RunContextWrapper[Any] | None = None, agent: AgentBase | None = None
+    ) -> list[mcp_types.Tool]:
+        if self._tools is None:
+            async with self._listing:
+                if self._tools is None:
+                    self._tools = await self._request(self._list)
+        return list(self._tools)
+
+    @property
+    def cached_tools(self) -> list[mcp_types.Tool] | None:
+        return self._tools
+
+    async def call_tool(
+        self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None = None
+    ) -> mcp_types.CallToolResult:
+        request = mcp_types.CallToolRequest(
+            params=mcp_types.CallToolRequestParams(name=tool_name, arguments=arguments, _meta=meta)
+        )
+
+        async def call(session: ClientSession) -> mcp_types.CallToolResult:
+            return await session.send_request(request, mcp_types.CallToolResult)
+
+        result: mcp_types.CallToolResult = await self._request(call)
+        return result
+
+    async def list_prompts(self) -> mcp_types.ListPromptsResult:
+        return mcp_types.ListPromptsResult(prompts=[])
+
+    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None) -> mcp_types.GetPromptResult:
+        raise McpUnavailable(f"prompt {name} is not offered by the task server")
+
+    async def _list(self, session: ClientSession) -> list[mcp_types.Tool]:
+        await session.initialize()
+        return list((await session.list_tools()).tools)
+
+    async def _request(self, work: Any) -> Any:
+        """One exchange in a client session of its own; transport failures are `McpUnavailable`."""
+        try:
+            async with self._session() as session:
+                return await work(session)
+        except (MCPError, httpx2.HTTPError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
+            self._tools = None  # the server may have changed: list again next time
+            log.warning("MCP request failed: %s", type(error).__name__)
+            raise McpUnavailable() from error
+        except BaseExceptionGroup as group:
+            self._tools = None
+            log.warning("MCP request failed: %s", [type(e).__name__ for e in group.exceptions])
+            raise McpUnavailable() from group
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[ClientSession]:
+        async with (
+            streamable_http_client(self._url, http_client=self._http, terminate_on_close=False) as (read, write),
+            ClientSession(read, write, read_timeout_seconds=self._timeout) as session,
+        ):
+            yield session
