@@ -42,7 +42,7 @@ from sqlalchemy import Engine
 from backend.agent.factory import McpUnavailable, build_agent, make_mcp_server, make_model
 from backend.agent.tool_output import parse_tool_output
 from backend.config import Settings
-from backend.delegation import mint_delegation_token
+from backend.delegation import mint_turn_token
 from backend.models import MessageStatus, Role
 from backend.services import turn_store
 from backend.services.turn_store import BegunTurn, HistoryMessage
@@ -328,11 +328,13 @@ async def _renew_lease(engine: Engine, settings: Settings, turn: BegunTurn) -> N
 
 async def _run_agent(deps: TurnDeps, user_id: str, turn: BegunTurn, progress: _Progress) -> AsyncIterator[TurnEvent]:
     settings = deps.settings
-    token = mint_delegation_token(
+    token = mint_turn_token(
         settings.resolved_mcp_secret(),
         user_id,
+        conversation_id=turn.conversation_id,
+        turn_id=turn.turn_id,  # the MCP server honours the token only while this turn holds the lease
+        replay_scope=str(turn.user_message_id),  # the same for every re-run of this turn
         ttl_seconds=settings.mcp_token_ttl_seconds,
-        turn=str(turn.user_message_id),  # the same for every re-run of this turn
     )
     mcp_server = make_mcp_server(settings, token)
     try:
