@@ -266,6 +266,43 @@ async def test_users_cannot_touch_each_others_tasks(server: Running, engine: Eng
     ]
 
 
+# --- per-user task numbers ----------------------------------------------------------------------------
+
+
+async def test_task_numbers_are_per_user_gapless_under_concurrency_and_never_reused(
+    server: Running, engine: Engine
+) -> None:
+    async with (
+        sdk_client(server.url, "alice") as alice_1,
+        sdk_client(server.url, "alice") as alice_2,
+        sdk_client(server.url, "bob") as bob,
+    ):
+        # 38 adds at once, from three clients of two users: real concurrent requests and transactions.
+        calls = [alice_1.call_tool("add_task", {"title": f"a1-{i}"}) for i in range(15)]
+        calls += [alice_2.call_tool("add_task", {"title": f"a2-{i}"}) for i in range(15)]
+        calls += [bob.call_tool("add_task", {"title": f"b-{i}"}) for i in range(8)]
+        results = [r.structured_content for r in await asyncio.gather(*calls)]
+        alices, bobs = results[:30], results[30:]
+        assert sorted(r["task_id"] for r in alices) == list(range(1, 31))
+        assert sorted(r["task_id"] for r in bobs) == list(range(1, 9))
+        # Each answer names the task it made.
+        listing = (await alice_1.call_tool("list_tasks", {})).structured_content["tasks"]
+        assert {t["task_id"]: t["title"] for t in listing} == {r["task_id"]: r["title"] for r in alices}
+        assert [t["task_id"] for t in listing] == list(range(1, 31))  # listed by number
+
+        # A deleted number is never handed out again: "task 30" in an old message names no other task.
+        await alice_1.call_tool("delete_task", {"task_id": 30})
+        await alice_1.call_tool("delete_task", {"task_id": 7})
+        after = await alice_2.call_tool("add_task", {"title": "after the deletes"})
+        assert after.structured_content["task_id"] == 31
+        gone = await alice_2.call_tool("complete_task", {"task_id": 30})
+        assert error_text(gone) == "Error executing tool complete_task: task 30 not found"
+    with Session(engine) as session:
+        numbers = session.exec(select(Task.user_id, Task.number).order_by(col(Task.user_id), col(Task.number))).all()
+    assert [n for u, n in numbers if u == "alice"] == [*range(1, 7), *range(8, 30), 31]
+    assert [n for u, n in numbers if u == "bob"] == list(range(1, 9))
+
+
 # --- authentication --------------------------------------------------------------------------------
 
 
