@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -598,6 +601,71 @@ async def test_cli_process_serves_the_tools(database_url: str) -> None:
         assert (row.user_id, row.title) == ("carol", "from the CLI")
     finally:
         eng.dispose()
+
+
+# --- the TypeScript MCP SDK (what MCP Inspector and Node agents use) --------------------------------------
+
+TS_CLIENT = Path(__file__).parent / "js" / "mcp"
+
+
+@pytest.fixture(scope="session")
+def ts_client() -> Path:
+    """tests/js/mcp with its locked npm packages installed (`npm ci` once; kept between runs)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are needed to run the TypeScript MCP SDK")
+    lock = json.loads((TS_CLIENT / "package-lock.json").read_text())
+    wanted = lock["packages"]["node_modules/@modelcontextprotocol/sdk"]["version"]
+    installed = TS_CLIENT / "node_modules" / "@modelcontextprotocol" / "sdk" / "package.json"
+    with open(TS_CLIENT / "package.json") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one install at a time, should two test runs start together
+        if not installed.exists() or json.loads(installed.read_text())["version"] != wanted:
+            subprocess.run(
+                ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=TS_CLIENT,
+                check=True,
+                timeout=600,
+                capture_output=True,
+            )
+    return TS_CLIENT
+
+
+def test_typescript_sdk_client(server: Running, engine: Engine, ts_client: Path) -> None:
+    good, bad = mint_operator_token(TEST_MCP_SECRET, "dana"), _forged({"aud": "some-other-service"})
+    run = subprocess.run(
+        ["node", "client.mjs", server.url, good, bad], cwd=ts_client, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["serverVersion"]["name"] == "chat-backend-tasks"
+
+    tools = {tool["name"]: tool for tool in out["tools"]}
+    assert set(tools) == TOOLS
+    for tool in tools.values():
+        assert tool["title"] and tool["title"][0].isupper(), tool
+        assert tool["inputSchema"]["additionalProperties"] is False, tool
+        assert not any(line.startswith(" ") for line in tool["description"].splitlines()), tool
+    assert tools["complete_task"]["inputSchema"]["required"] == ["task_id"]
+
+    assert out["added"]["structuredContent"] == {"task_id": 1, "status": "created", "title": "from TypeScript"}
+    assert out["second"]["structuredContent"]["task_id"] == 2
+    listed = out["listed"]["structuredContent"]["tasks"]
+    assert [(t["task_id"], t["title"], t["completed"]) for t in listed] == [
+        (1, "from TypeScript", False),
+        (2, "and another", False),
+    ]
+    assert out["extra"]["isError"] is True
+    assert out["extra"]["content"][0]["text"] == "Error executing tool list_tasks: unexpected argument user_id"
+    assert task_count(engine, "dana") == 2
+
+    # A bad token: a plain 401 the SDK reports as such, with nothing to start OAuth discovery from.
+    assert out["badToken"]["connected"] is False
+    assert out["badToken"]["code"] == 401, out["badToken"]
+    (refusal,) = out["unauthorized"]
+    assert refusal["error"] == "invalid_token"
+    assert refusal["resourceMetadataUrl"] is None and refusal["scope"] is None
+    assert refusal["wwwAuthenticate"].startswith('Bearer error="invalid_token"')
+    assert refusal["body"]["error"] == "invalid_token"
+    assert all(request["url"] == server.url for request in out["requests"]), out["requests"]
 
 
 # --- a re-run turn does not repeat its task changes ---------------------------------------------------
