@@ -70,8 +70,8 @@ def create_mcp_app(settings: Settings) -> Starlette:
         auth=AuthSettings(
             # Required by the SDK, but advertised nowhere: no authorization server exists. Without a
             # resource_server_url the SDK serves no protected-resource metadata and its 401 names none
-            # (`WWW-Authenticate: Bearer error="invalid_token", ...`), so OAuth-capable clients such as
-            # MCP Inspector report a bad token instead of starting an OAuth flow that cannot succeed.
+            # (`WWW-Authenticate: Bearer error="invalid_token", ...`), so no client is sent to an
+            # authorization server that is not there; a bad token reads as an invalid token.
             issuer_url=AnyHttpUrl(settings.mcp_base_url),
             resource_server_url=None,
             required_scopes=[SCOPE],
