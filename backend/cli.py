@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             migrate(settings)
         elif args.command == "token":
             if args.mcp:
-                from backend.delegation import mint_delegation_token
+                from backend.delegation import mint_operator_token
 
-                print(mint_delegation_token(settings.resolved_mcp_secret(), args.user, ttl_seconds=args.ttl))
+                print(mint_operator_token(settings.resolved_mcp_secret(), args.user, ttl_seconds=args.ttl))
             else:
                 print(mint_user_token(settings, args.user, args.ttl))
     except ConfigError as exc:

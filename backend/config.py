@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     # MCP.
     mcp_url: str = "http://127.0.0.1:8001/mcp"
     mcp_token_secret: str | None = None
-    mcp_token_ttl_seconds: int = 600
+    # A turn token only works while its turn holds the lease; this just bounds a token that leaks.
+    mcp_token_ttl_seconds: int = 150  # TURN_TIMEOUT_SECONDS + 30
     mcp_timeout_seconds: float = 15.0
     mcp_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Where `chat-backend mcp` binds; defaults to MCP_URL's host (0.0.0.0 in a container).

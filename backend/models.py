@@ -121,15 +121,32 @@ class UserQuota(SQLModel, table=True):
 class Task(SQLModel, table=True):
     """Owned by the MCP server: the API never reads or writes it."""
 
-    __table_args__ = (sa.Index("ix_task_user_id", "user_id", "id"),)
+    # Also the index for a user's list, which is ordered by number.
+    __table_args__ = (sa.UniqueConstraint("user_id", "number", name="uq_task_user_number"),)
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(max_length=255, nullable=False)
+    # The user's own task number (1, 2, 3, ...): what people say in chat and what tools call task_id.
+    # Handed out by TaskCounter and never reused, so "task 3" in an old message never names another task.
+    number: int = Field(nullable=False)
     title: str = Field(max_length=200, nullable=False)
     description: str | None = Field(default=None, max_length=1000)
     completed: bool = Field(default=False, nullable=False)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
+
+
+class TaskCounter(SQLModel, table=True):
+    """Owned by the MCP server: the last task number handed out to each user.
+
+    Bumped with INSERT ... ON CONFLICT DO UPDATE ... RETURNING, whose row lock serialises one user's
+    concurrent adds; it never goes down, not even when tasks are deleted.
+    """
+
+    __tablename__ = "task_counter"
+
+    user_id: str = Field(primary_key=True, max_length=255)
+    last_number: int = Field(nullable=False)
 
 
 class ToolCall(SQLModel, table=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -30,12 +31,14 @@ def test_models_match_migrations(database_url: str) -> None:
 
 def test_downgrade_and_upgrade_again(database_url: str) -> None:
     cfg = alembic_config(database_url)
-    tables = {"conversation", "message", "task", "tool_call", "user_quota", "alembic_version"}
+    tables = {"conversation", "message", "task", "task_counter", "tool_call", "user_quota", "alembic_version"}
     assert _tables(database_url) == tables
-    command.downgrade(cfg, "0002")
+    command.downgrade(cfg, "0003")
     assert _tables(database_url) == tables - {"user_quota"}
+    command.downgrade(cfg, "0002")
+    assert _tables(database_url) == tables - {"user_quota", "task_counter"}
     command.downgrade(cfg, "0001")
-    assert _tables(database_url) == tables - {"tool_call", "user_quota"}
+    assert _tables(database_url) == tables - {"tool_call", "task_counter", "user_quota"}
     command.downgrade(cfg, "base")
     assert _tables(database_url) == {"alembic_version"}
     command.upgrade(cfg, "head")
@@ -53,3 +56,34 @@ def test_indexes_and_cascade(database_url: str) -> None:
     (fk,) = insp.get_foreign_keys("message")
     assert fk["options"].get("ondelete") == "CASCADE"
     engine.dispose()
+
+
+def test_0003_numbers_existing_tasks_per_user(database_url: str) -> None:
+    """Tasks made before per-user numbers get 1, 2, 3, ... per user in id order; counters follow."""
+    cfg = alembic_config(database_url)
+    command.downgrade(cfg, "0002")
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for user, title in [("alice", "a1"), ("bob", "b1"), ("alice", "a2"), ("alice", "a3"), ("bob", "b2")]:
+                conn.execute(sa.text("INSERT INTO task (user_id, title) VALUES (:u, :t)"), {"u": user, "t": title})
+        command.upgrade(cfg, "0003")
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT user_id, number, title FROM task ORDER BY user_id, number")).all()
+            counters = dict(conn.execute(sa.text("SELECT user_id, last_number FROM task_counter")).all())
+        assert [tuple(r) for r in rows] == [
+            ("alice", 1, "a1"),
+            ("alice", 2, "a2"),
+            ("alice", 3, "a3"),
+            ("bob", 1, "b1"),
+            ("bob", 2, "b2"),
+        ]
+        assert counters == {"alice": 3, "bob": 2}
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:  # unique per user
+            conn.execute(sa.text("INSERT INTO task (user_id, number, title) VALUES ('alice', 2, 'dup')"))
+        command.downgrade(cfg, "0002")  # and back down with data in it
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM task")).scalar_one() == 5
+        command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()

@@ -137,12 +137,28 @@ def _describe(tool: str, output: Any) -> str:
         tasks = data["tasks"]
         if not tasks:
             return "You have no tasks here."
-        lines = [f"- [{'x' if t.get('completed') else ' '}] {t.get('id')}: {t.get('title')}" for t in tasks]
+        lines = [f"- [{'x' if t.get('completed') else ' '}] {t.get('task_id')}: {t.get('title')}" for t in tasks]
         return f"You have {len(tasks)} task{'s' if len(tasks) != 1 else ''}:\n" + "\n".join(lines)
     if isinstance(data, dict) and "task_id" in data:
         verb = {"created": "Added", "completed": "Completed", "updated": "Updated", "deleted": "Deleted"}
         return f"{verb.get(str(data.get('status')), 'Done with')} task {data['task_id']}: {data.get('title')}"
-    return f"That did not work: {data if isinstance(data, str) else json.dumps(data)}"
+    reason = _error_sentence(data)
+    return f"That did not work: {reason}{'' if reason.endswith(('.', '!', '?')) else '.'}"
+
+
+# The MCP SDK's frame around every tool error; the reason after it is the part a person needs.
+_TOOL_ERROR_FRAME = re.compile(r"^Error executing tool \w+:\s*")
+
+
+def _error_sentence(data: Any) -> str:
+    """A failed tool call's text, however the agent loop wrapped it: a string, a text part, or a list of parts.
+
+    An MCP error result reaches the model as `[{"type": "input_text", "text": "Error executing tool ..."}]`.
+    """
+    parts = data if isinstance(data, list) else [data]
+    texts = [part.get("text") if isinstance(part, dict) else part for part in parts]
+    reasons = [_TOOL_ERROR_FRAME.sub("", text).strip() for text in texts if isinstance(text, str)]
+    return " ".join(reason for reason in reasons if reason) or "the task service gave no answer"
 
 
 def _tokens(text: str) -> int:

@@ -23,13 +23,15 @@ from backend.config import Settings
 from backend.db import make_engine, ping
 from backend.delegation import SCOPE
 from backend.mcp_server.auth import DelegationTokenVerifier
-from backend.mcp_server.tools import purge_tool_calls, register_tools
+from backend.mcp_server.task_store import purge_tool_calls
+from backend.mcp_server.tools import task_tools
 
 log = logging.getLogger(__name__)
 
 INSTRUCTIONS = (
     "Manage the signed-in user's to-do list: add_task, list_tasks, complete_task, update_task, delete_task. "
-    "Tasks are identified by numeric id; call list_tasks to find an id from a title."
+    "Tasks are identified by the user's own task number (task_id: 1, 2, 3, ...); "
+    "call list_tasks to find a task's number from its title."
 )
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -63,16 +65,18 @@ def create_mcp_app(settings: Settings) -> Starlette:
         version=__version__,
         instructions=INSTRUCTIONS,
         log_level=_log_level(settings.log_level),
+        tools=list(task_tools(engine)),
         token_verifier=DelegationTokenVerifier(settings.resolved_mcp_secret()),
         auth=AuthSettings(
+            # Required by the SDK, but advertised nowhere: no authorization server exists. Without a
+            # resource_server_url the SDK serves no protected-resource metadata and its 401 names none
+            # (`WWW-Authenticate: Bearer error="invalid_token", ...`), so no client is sent to an
+            # authorization server that is not there; a bad token reads as an invalid token.
             issuer_url=AnyHttpUrl(settings.mcp_base_url),
-            resource_server_url=AnyHttpUrl(settings.mcp_url),
+            resource_server_url=None,
             required_scopes=[SCOPE],
-            # The verifier checks the token's audience itself (delegation tokens carry no RFC 8707 resource).
-            validate_token_resource=False,
         ),
     )
-    register_tools(server, engine)
     mcp_app = server.streamable_http_app(
         streamable_http_path=settings.mcp_path,
         stateless_http=True,  # no session state: any replica can answer any request

@@ -1,0 +1,205 @@
+"""The task tools' database work: one short transaction per call, always scoped to one user.
+
+Every transaction starts by checking the grant: a turn token is honoured only while its turn holds
+the conversation's lease (`grant_scope`). Every statement names the user next to the task number,
+so another user's task and a missing one are indistinguishable ("task N not found").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel
+from sqlalchemy import Engine, delete, func, literal, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from backend.db import session_scope
+from backend.delegation import Delegation
+from backend.models import Conversation, Task, TaskCounter, ToolCall
+
+TURN_ENDED = "this conversation turn has ended; the request was not carried out"
+
+ChangeStatus = Literal["created", "completed", "updated", "deleted"]
+
+
+class TaskChange(BaseModel):
+    """The task a tool created or changed."""
+
+    task_id: int
+    status: ChangeStatus
+    title: str
+
+
+class TaskItem(BaseModel):
+    task_id: int
+    title: str
+    description: str | None
+    completed: bool
+    created_at: datetime
+
+
+class TaskList(BaseModel):
+    """The user's tasks, by task number."""
+
+    tasks: list[TaskItem]
+
+
+@contextmanager
+def grant_scope(engine: Engine, grant: Delegation) -> Iterator[Session]:
+    """A transaction in which `grant` holds: a turn token only while its turn holds the lease.
+
+    The conversation row is read `FOR SHARE`: the API's lease release (an UPDATE of that row) waits
+    for this transaction, and a release already under way makes the check see the released row. So
+    every task change made with a turn token commits before its turn ends, never after. The lease is
+    compared with the database clock, the one clock every replica shares.
+    """
+    with session_scope(engine) as session:
+        if not grant.is_operator:
+            live = session.exec(
+                select(literal(1))
+                .where(
+                    col(Conversation.id) == grant.conversation_id,
+                    col(Conversation.user_id) == grant.user_id,
+                    col(Conversation.turn_id) == grant.turn_id,
+                    col(Conversation.turn_lease_until) > func.now(),
+                )
+                .with_for_update(read=True)
+            ).first()
+            if live is None:
+                raise ToolError(TURN_ENDED)
+        yield session
+
+
+def _not_found(number: int) -> ToolError:
+    return ToolError(f"task {number} not found")
+
+
+def _next_number(session: Session, user_id: str) -> int:
+    """The user's next task number; the counter row stays locked until this transaction ends."""
+    bump = (
+        insert(TaskCounter)
+        .values(user_id=user_id, last_number=1)
+        .on_conflict_do_update(
+            index_elements=[col(TaskCounter.user_id)], set_={"last_number": col(TaskCounter.last_number) + 1}
+        )
+        .returning(col(TaskCounter.last_number))
+    )
+    return int(session.execute(bump).scalar_one())
+
+
+def add_task(session: Session, user_id: str, title: str, description: str | None) -> TaskChange:
+    task = Task(user_id=user_id, number=_next_number(session, user_id), title=title, description=description or None)
+    session.add(task)
+    session.flush()
+    return TaskChange(task_id=task.number, status="created", title=task.title)
+
+
+def list_tasks(session: Session, user_id: str, status: str) -> TaskList:
+    query = select(Task).where(col(Task.user_id) == user_id)
+    if status != "all":
+        query = query.where(col(Task.completed) == (status == "completed"))
+    rows = session.exec(query.order_by(col(Task.number))).all()
+    return TaskList(
+        tasks=[
+            TaskItem(
+                task_id=row.number,
+                title=row.title,
+                description=row.description,
+                completed=row.completed,
+                created_at=row.created_at,
+            )
+            for row in rows
+        ]
+    )
+
+
+def _owned(user_id: str, number: int) -> tuple[Any, Any]:
+    return col(Task.user_id) == user_id, col(Task.number) == number
+
+
+def _change(session: Session, number: int, statement: Any, status: ChangeStatus) -> TaskChange:
+    """Run one owner-scoped UPDATE/DELETE ... RETURNING number, title."""
+    row = session.exec(statement.returning(col(Task.number), col(Task.title))).first()
+    if row is None:
+        raise _not_found(number)
+    return TaskChange(task_id=row.number, status=status, title=row.title)
+
+
+def complete_task(session: Session, user_id: str, number: int) -> TaskChange:
+    stmt = update(Task).where(*_owned(user_id, number)).values(completed=True, updated_at=func.now())
+    return _change(session, number, stmt, "completed")
+
+
+def update_task(session: Session, user_id: str, number: int, title: str | None, description: str | None) -> TaskChange:
+    values: dict[str, Any] = {"updated_at": func.now()}
+    if title is not None:
+        values["title"] = title
+    if description is not None:
+        values["description"] = description or None  # "" clears the description
+    return _change(session, number, update(Task).where(*_owned(user_id, number)).values(**values), "updated")
+
+
+def delete_task(session: Session, user_id: str, number: int) -> TaskChange:
+    return _change(session, number, delete(Task).where(*_owned(user_id, number)), "deleted")
+
+
+# --- a re-run turn does not repeat its task changes ------------------------------------------------
+
+
+def replay_key(grant: Delegation, tool: str, arguments: dict[str, Any], occurrence: object) -> str | None:
+    """Who, which turn, which call: the same for a re-run of a turn that makes the same call again.
+
+    The turn's replay scope comes from the verified token, the call's position among identical calls
+    in the run from the API's `_meta`; the tool name and arguments are hashed in here, so no client
+    can make one call answer for another. Operator tokens name no turn: never deduplicated.
+    """
+    if grant.replay_scope is None or not isinstance(occurrence, int):
+        return None
+    material = json.dumps([grant.user_id, grant.replay_scope, tool, arguments, occurrence], sort_keys=True, default=str)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def change_once(
+    engine: Engine, grant: Delegation, tool: str, key: str | None, work: Callable[[Session], TaskChange]
+) -> TaskChange:
+    """`work` in one granted transaction, recorded under `key`; a recorded key answers its first result."""
+    try:
+        with grant_scope(engine, grant) as session:
+            if key is not None and (done := session.get(ToolCall, key)) is not None:
+                return TaskChange.model_validate(done.result)
+            result = work(session)
+            if key is not None:
+                session.add(ToolCall(key=key, user_id=grant.user_id, tool=tool, result=result.model_dump()))
+            return result
+    except IntegrityError:
+        if key is None:
+            raise
+        # The same call raced itself (the turn lease makes this all but impossible): the first one won.
+        with grant_scope(engine, grant) as session:
+            done = session.get(ToolCall, key)
+            if done is None:
+                raise
+            return TaskChange.model_validate(done.result)
+
+
+def read(engine: Engine, grant: Delegation, work: Callable[[Session], TaskList]) -> TaskList:
+    with grant_scope(engine, grant) as session:
+        return work(session)
+
+
+# A turn is re-run within minutes of its failure; its recorded calls are not needed for longer.
+TOOL_CALL_RETENTION = timedelta(days=2)
+
+
+def purge_tool_calls(engine: Engine, older_than: timedelta = TOOL_CALL_RETENTION) -> int:
+    with session_scope(engine) as session:
+        result = session.execute(delete(ToolCall).where(col(ToolCall.created_at) < func.now() - older_than))
+        return int(getattr(result, "rowcount", 0))
