@@ -99,6 +99,10 @@ def service_error_response(error: ServiceError) -> JSONResponse:
         headers.update(BEARER)
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if isinstance(error, failures.LimitExceeded) and error.policy is not None:
+        name, quota, window = error.policy
+        headers["RateLimit-Policy"] = f'"{name}";q={quota};w={window}'
+        headers["RateLimit"] = f'"{name}";r=0;t={headers["Retry-After"]}'
     return JSONResponse(body, status_code=status_of(error), headers=headers)
 
 

@@ -83,6 +83,13 @@ class LimitExceeded(ServiceError):
     code = "rate_limited"
     retryable = True
 
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after: float, policy: tuple[str, int, int] | None = None
+    ) -> None:
+        super().__init__(message, code=code, retry_after=retry_after)
+        # The limit as the IETF httpapi RateLimit headers name it: (name, quota, window seconds).
+        self.policy = policy
+
 
 class Unavailable(ServiceError):
     """A dependency is down: `database_unavailable`, `mcp_unavailable` or `auth_unavailable`."""

@@ -7,6 +7,7 @@ the MCP server and PostgreSQL are all real.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -174,3 +175,21 @@ async def test_streamed_turn_through_litellm(http: httpx.AsyncClient, stub: Gemi
     assert len(tokens) > 1 and "".join(tokens) == "You have no tasks yet."
     assert events[-1]["usage"] == {"input_tokens": 100, "output_tokens": 11, "total_tokens": 111}
     assert all(request.stream for request in stub.requests)
+
+
+async def test_a_provider_failure_is_one_log_line_with_its_cause(
+    http: httpx.AsyncClient, stub: GeminiStub, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(3):
+        stub.reply_error(403)
+    with caplog.at_level(logging.INFO):
+        response = await http.post("/api/chat", json={"message": "hi"}, headers=ALICE)
+    body = response.json()
+    assert (response.status_code, body["code"], body["retryable"]) == (502, "model_auth_failed", False)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("turn failed")]
+    host = stub.base_url.removeprefix("http://").split("/")[0]
+    assert "status=403" in line and f"host={host}" in line and "provider=gemini" in line
+    printed = capfd.readouterr()
+    everything = caplog.text + printed.out + printed.err
+    assert SECRET_MARKER not in everything  # the provider's body is not logged
+    assert "Give Feedback" not in everything and "\x1b[" not in everything  # no LiteLLM banners

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy import Engine, text
 from backend.agent.offline import OfflineModel
 from backend.config import Settings
 from backend.main import create_app
-from tests.support.models import ScriptableOffline
+from tests.support.models import Flood, ScriptableOffline
 from tests.support.servers import serve_in_thread
 from tests.support.stack import with_free_mcp_port
 from tests.support.tokens import auth
@@ -185,3 +186,35 @@ async def test_errors_before_the_stream_are_http_statuses(stack_settings: Settin
                     break
             busy, _, _ = await stream(base, {"message": "interleave", "conversation_id": cid})
             assert busy.status_code == 409 and busy.json()["code"] == "conversation_busy"
+
+
+async def test_a_client_that_stops_reading_is_let_go(stack_settings: Settings, engine: Engine) -> None:
+    """No unbounded buffer for a client that does not read: the stream is ended after the send timeout,
+    its run cancelled and stored as aborted, and the conversation freed."""
+    settings = stack_settings.model_copy(update={"sse_send_timeout_seconds": 1.0})
+    with serve_api(settings, Flood()) as base:
+        host, port = base.removeprefix("http://").split(":")
+        body = json.dumps({"message": "hello"}).encode()
+        request = (
+            f"POST /api/chat/stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {ALICE['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(request)  # ... and read nothing
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with engine.connect() as conn:
+                    rows = conn.execute(text("SELECT status FROM message WHERE role = 'assistant'")).all()
+                if rows:
+                    break
+                await asyncio.sleep(0.1)
+            assert [row.status for row in rows] == ["aborted"]
+            with engine.connect() as conn:
+                leases = conn.execute(text("SELECT turn_id FROM conversation")).all()
+            assert [row.turn_id for row in leases] == [None]
+            # The server closed the connection: what it had sent drains, then EOF.
+            sock.settimeout(10)
+            while chunk := sock.recv(1 << 20):
+                assert chunk

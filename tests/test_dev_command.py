@@ -32,7 +32,7 @@ def test_dev_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "backend.cli"]
     dev = subprocess.Popen([*cli, "dev"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_http(f"http://127.0.0.1:{api_port}/health/ready", timeout=60, proc=dev)
+        wait_http(f"http://127.0.0.1:{api_port}/health/ready", timeout=180, proc=dev)
         ready = httpx.get(f"http://127.0.0.1:{api_port}/health/ready").json()
         assert ready["checks"] == {"database": True, "mcp": True}
 

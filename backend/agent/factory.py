@@ -42,11 +42,22 @@ def make_model(settings: Settings) -> Model:
         return OfflineModel()
     from agents.extensions.models.litellm_model import LitellmModel  # imported at start-up by `warm_up`
 
+    _quiet_litellm()
     return LitellmModel(
         model=name,
         base_url=settings.model_api_base,
         api_key=settings.model_api_key or (settings.gemini_api_key if name.startswith("gemini/") else None),
     )
+
+
+def _quiet_litellm() -> None:
+    """LiteLLM prints a help banner per error and logs provider bodies (which may echo a key or the
+    user's text); the turn's own one-line warning says what failed (see agent/failures.describe)."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def model_settings(settings: Settings) -> ModelSettings:

@@ -48,14 +48,19 @@ def classify(error: BaseException) -> ServiceError:
     return TurnFailed("The assistant failed to answer", retryable=True)
 
 
-def describe(error: BaseException) -> str:
-    """One log line's worth of cause: the kind, the HTTP status and provider if known, no bodies."""
+def describe(error: BaseException, host: str | None = None) -> str:
+    """One log line's worth of cause: the kind, the HTTP status, provider and host if known, no bodies.
+
+    `host` is where the model is configured to be reached: LiteLLM's errors name a made-up URL.
+    """
     original = getattr(error, "original_exception", None)
     if isinstance(original, BaseException) and original is not error:
         error = original
     parts = [type(error).__name__]
     if (status := _status(error)) is not None:
         parts.append(f"status={status}")
+    if host:
+        parts.append(f"host={host}")
     for attribute in ("llm_provider", "model"):
         if isinstance(value := getattr(error, attribute, None), str) and value:
             parts.append(f"{attribute.removeprefix('llm_')}={value}")

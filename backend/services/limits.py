@@ -61,6 +61,7 @@ def take_turn(connection: Connection, user_id: str, conversation_id: uuid.UUID, 
                 "You have used today's model tokens; try again tomorrow (UTC)",
                 code="quota_exceeded",
                 retry_after=(midnight - now).total_seconds(),
+                policy=("tokens", limits.tokens_per_day, 86400),
             )
     if limits.concurrent_turns:
         running = connection.execute(_RUNNING, {"user": user_id, "conversation": conversation_id}).scalar_one()
@@ -72,6 +73,8 @@ def take_turn(connection: Connection, user_id: str, conversation_id: uuid.UUID, 
         tat = max(row.turn_tat, now) + WINDOW / limits.turns_per_minute
         if tat - now > WINDOW:
             raise LimitExceeded(
-                "Too many messages in a short time; slow down", retry_after=(tat - WINDOW - now).total_seconds()
+                "Too many messages in a short time; slow down",
+                retry_after=(tat - WINDOW - now).total_seconds(),
+                policy=("turns", limits.turns_per_minute, int(WINDOW.total_seconds())),
             )
         connection.execute(_TAKE, {"tat": tat, "user": user_id})

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from agents import Model, RawResponsesStreamEvent, RunHooks, RunItemStreamEvent, Runner, TResponseInputItem
 from agents.items import ModelResponse, ToolCallItem, ToolCallOutputItem
@@ -147,6 +148,7 @@ class TurnService:
         self.settings = settings
         self.tools = tools
         self._model_factory = model_factory
+        self._model_host = urlsplit(settings.model_api_base).netloc if settings.model_api_base else None
         self._policy = TurnPolicy(
             lease_seconds=settings.turn_lease_seconds,
             history_max_messages=settings.history_max_messages,
@@ -195,9 +197,8 @@ class TurnService:
             raise
         except Exception as error:
             failure = classify(error)
-            log.warning(
-                "turn failed: %s (%s)", failure.code, describe(error), exc_info=failure.code == "internal_error"
-            )
+            cause = describe(error, self._model_host)
+            log.warning("turn failed: %s (%s)", failure.code, cause, exc_info=failure.code == "internal_error")
             return await self._fail(attempt, failure)
         if lease.lost is not None:
             return await self._fail(attempt, lease.lost)

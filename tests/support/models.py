@@ -1,4 +1,4 @@
-"""Test models: the offline model with failure modes a test can switch on."""
+"""Test models: the offline model with failure modes a test can switch on, and one that never stops."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ class ScriptableOffline(OfflineModel):
                     await asyncio.sleep(3600)
                 if tokens == self.fail_after:
                     raise RuntimeError("provider blew up: SECRET-UPSTREAM-DETAIL")
+
+
+class Flood(OfflineModel):
+    """Streams 1 KB tokens for as long as anyone reads them (the model of a client that stops reading)."""
+
+    async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[TResponseStreamEvent]:
+        async for event in super().stream_response(*args, **kwargs):
+            if event.type != "response.output_text.delta":
+                yield event
+                continue
+            for n in range(1_000_000):
+                await asyncio.sleep(0)
+                yield event.model_copy(update={"delta": f"{n:05d}" + "x" * 1019})
