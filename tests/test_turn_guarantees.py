@@ -106,7 +106,9 @@ async def test_rename_and_delete_are_committed_before_the_response(stack_setting
             assert survivors == 0
 
 
-async def test_a_commit_that_fails_is_an_error_not_a_2xx(client: httpx.AsyncClient, engine: Engine) -> None:
+async def test_a_commit_that_fails_is_an_error_not_a_2xx(
+    client: httpx.AsyncClient, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     cid = (await client.post("/api/chat", json={"message": "hello"}, headers=ALICE)).json()["conversation_id"]
     with engine.begin() as conn:  # a deferred check: it fires at COMMIT, after the UPDATE succeeded
         conn.execute(
@@ -123,6 +125,8 @@ async def test_a_commit_that_fails_is_an_error_not_a_2xx(client: httpx.AsyncClie
     assert response.status_code >= 500
     assert response.json()["code"] and "Traceback" not in response.text
     assert (await client.get(f"/api/conversations/{cid}", headers=ALICE)).json()["title"] == "hello"
+    # The failure is logged, without the statement's parameters (user ids, titles, message text).
+    assert "refuse_title" in caplog.text and "refused at commit" not in caplog.text
 
 
 # --- 2. one idempotency key, one request -------------------------------------------------------------
