@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from agents import Agent, Model, ModelSettings, Runner, retry_policies
+from agents import Agent, Model, ModelSettings, RunConfig, Runner, retry_policies
 from agents.mcp import MCPServer
 from agents.retry import ModelRetryBackoffSettings, ModelRetrySettings
 
@@ -77,6 +77,11 @@ def model_settings(settings: Settings) -> ModelSettings:
     )
 
 
+def run_config(settings: Settings) -> RunConfig:
+    # Per run rather than process-wide: without an OpenAI key the trace exporter logs a warning a run.
+    return RunConfig(tracing_disabled=not settings.tracing_enabled)
+
+
 def build_agent(settings: Settings, model: Model, tools: MCPServer) -> Agent[Any]:
     return Agent(
         name="Task assistant",
@@ -96,6 +101,6 @@ async def warm_up(settings: Settings) -> None:
     if settings.model_name != OFFLINE_MODEL:
         make_model(settings)
     agent: Agent[Any] = Agent(name="warm-up", model=OfflineModel())
-    await Runner.run(agent, "warm up")
-    async for _ in Runner.run_streamed(agent, "warm up").stream_events():
+    await Runner.run(agent, "warm up", run_config=run_config(settings))
+    async for _ in Runner.run_streamed(agent, "warm up", run_config=run_config(settings)).stream_events():
         pass

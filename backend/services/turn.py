@@ -20,18 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from agents import Model, RawResponsesStreamEvent, RunHooks, RunItemStreamEvent, Runner, TResponseInputItem
+from agents import ItemHelpers, Model, RawResponsesStreamEvent, RunHooks, RunItemStreamEvent, Runner, TResponseInputItem
 from agents.items import ModelResponse, ToolCallItem, ToolCallOutputItem
 from agents.tool_context import ToolContext
 from openai.types.responses import (
     ResponseCompletedEvent,
-    ResponseOutputMessage,
-    ResponseOutputText,
     ResponseTextDeltaEvent,
 )
 from sqlalchemy.exc import IntegrityError
 
-from backend.agent.factory import build_agent
+from backend.agent.factory import build_agent, run_config
 from backend.agent.failures import classify, describe
 from backend.agent.mcp_client import TURN_CALL, TaskServer, TurnCall
 from backend.agent.tool_output import parse_tool_output
@@ -79,13 +77,7 @@ class TurnRecorder(RunHooks[Any]):
         self.usage["input_tokens"] += response.usage.input_tokens
         self.usage["output_tokens"] += response.usage.output_tokens
         self.usage["total_tokens"] += response.usage.total_tokens
-        text = "".join(
-            part.text
-            for item in response.output
-            if isinstance(item, ResponseOutputMessage)
-            for part in item.content
-            if isinstance(part, ResponseOutputText)
-        )
+        text = "".join(ItemHelpers.extract_text(item) or "" for item in response.output)
         if text:
             self.texts.append(text)
 
@@ -248,12 +240,15 @@ class TurnService:
         settings = self.settings
         agent = build_agent(settings, self._model_factory(), self.tools)
         items = history_items(attempt.turn.history)
+        run = run_config(settings)
         if emit is None:
-            await Runner.run(agent, input=items, max_turns=settings.agent_max_turns, hooks=attempt.recorder)
+            await Runner.run(agent, items, max_turns=settings.agent_max_turns, hooks=attempt.recorder, run_config=run)
             return
         text: list[str] = []
         attempt.streamed_text = text
-        result = Runner.run_streamed(agent, input=items, max_turns=settings.agent_max_turns, hooks=attempt.recorder)
+        result = Runner.run_streamed(
+            agent, items, max_turns=settings.agent_max_turns, hooks=attempt.recorder, run_config=run
+        )
         index, paragraph = 0, False
         async for event in result.stream_events():
             if isinstance(event, RawResponsesStreamEvent):
