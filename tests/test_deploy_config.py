@@ -32,6 +32,8 @@ LIBRARY_VARS = {
 # Only docker-compose.yml interpolates these.
 COMPOSE_VARS = {"POSTGRES_PASSWORD", "API_PUBLISH_PORT"}
 BACKEND_SERVICES = ("migrate", "mcp", "api")
+# The one service that builds the image; the others run it by name.
+BUILDER = "migrate"
 VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -116,7 +118,7 @@ def test_subcommand_probe_tells_real_from_unknown() -> None:
 @pytest.mark.parametrize("service", BACKEND_SERVICES)
 def test_backend_services_run_a_real_subcommand_of_our_image(service: str) -> None:
     spec = SERVICES[service]
-    assert spec.get("build") in (".", {"context": "."}), f"{service} is not built from the Dockerfile"
+    assert spec["image"] == SERVICES[BUILDER]["image"], f"{service} does not run the image {BUILDER} builds"
     command = spec["command"]
     assert isinstance(command, list), f"{service}: use the exec form for command"
     assert _is_subcommand(command[0]), f"{service}: `chat-backend {command[0]}` does not exist"
@@ -125,6 +127,53 @@ def test_backend_services_run_a_real_subcommand_of_our_image(service: str) -> No
 def test_backend_services_share_one_image_and_run_their_process() -> None:
     assert len({SERVICES[s].get("image") for s in BACKEND_SERVICES}) == 1
     assert [SERVICES[s]["command"][0] for s in BACKEND_SERVICES] == ["migrate", "mcp", "serve"]
+
+
+def test_the_image_is_built_once() -> None:
+    """Several services with `build:` make compose build the image once each: the last build wins the tag,
+    and the next `up --scale` or `run` recreates the services whose container names an older image."""
+    builders = [name for name, spec in SERVICES.items() if "build" in spec]
+    assert builders == [BUILDER], f"only {BUILDER} may build the image, found build: on {builders}"
+    assert SERVICES[BUILDER]["build"] in (".", {"context": "."}), "build from the Dockerfile at the root"
+    for service in BACKEND_SERVICES:
+        # `docker compose up api` must still build the image: the builder is a dependency.
+        assert BUILDER in _dependency_closure(service), f"{service} does not depend on {BUILDER}"
+
+
+def _dependency_closure(service: str) -> set[str]:
+    found = {service}
+    for name in SERVICES[service].get("depends_on") or {}:
+        found |= _dependency_closure(name)
+    return found
+
+
+def test_host_network_build_override_touches_only_the_build() -> None:
+    path = ROOT / "deploy" / "compose.build-host-network.yml"
+    text = path.read_text()
+    assert text.startswith("#"), f"{path.name} must say in a comment when it is needed"
+    assert f"COMPOSE_FILE=docker-compose.yml:deploy/{path.name}" in text
+    assert yaml.safe_load(text) == {"services": {BUILDER: {"build": {"network": "host"}}}}
+
+
+def test_dockerfile_needs_no_registry_beyond_its_base_image() -> None:
+    """A `# syntax=` directive makes every build pull a frontend image; offline builds then fail."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.IGNORECASE | re.MULTILINE)
+    bases = {args.split()[0] for stage in _dockerfile_stages() for kw, args in stage if kw == "FROM"}
+    assert bases == {"${PYTHON_IMAGE}"}
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
+
+
+def test_dockerfile_installs_dependencies_before_the_code() -> None:
+    """The dependency layer reads only pyproject.toml, so a code change rebuilds seconds, not minutes."""
+    build = _dockerfile_stages()[0]
+    copies = [(i, args) for i, (kw, args) in enumerate(build) if kw == "COPY"]
+    first_index, first = copies[0]
+    assert first.split()[:-1] == ["pyproject.toml"], f"the first COPY must be pyproject.toml alone: {first}"
+    code_index = next(i for i, args in copies if "backend" in args.split()[:-1])
+    installs = [args for kw, args in build[first_index:code_index] if kw == "RUN" and "pip install" in args]
+    assert installs, "install the dependencies between COPY pyproject.toml and COPY backend"
+    assert "tomllib" not in " ".join(installs), "pip reads pyproject.toml itself"
 
 
 @pytest.mark.parametrize("service", BACKEND_SERVICES)
@@ -230,6 +279,23 @@ def test_nginx_streams_sse_and_forwards_client_headers() -> None:
     assert all("proxy_set_header" not in body for body in locations.values()), (
         "a location with its own proxy_set_header drops the server-level X-Forwarded-* headers"
     )
+
+
+def test_nginx_answers_its_own_errors_as_retryable_json() -> None:
+    """A replica killed mid-request fails that request with nginx's 502: the client must be able to read
+    the same JSON error shape as the API's (`code`, `retryable`) and retry with its client_message_id."""
+    pages = dict(re.findall(r"error_page\s+(\d+)\s+(@\w+);", NGINX_CODE))
+    assert set(pages) == {"502", "504"}
+    # Up to the closing brace on a line of its own: the JSON bodies hold braces.
+    named = dict(re.findall(r"location\s+(@\w+)\s*\{(.*?)\n\s*\}", NGINX_CODE, re.DOTALL))
+    for status, location in pages.items():
+        body = named[location]
+        assert "default_type application/json;" in body
+        (returned,) = re.findall(r"return\s+(\d+)\s+'([^']*)';", body)
+        assert returned[0] == status
+        error = json.loads(returned[1].replace("\\n", ""))
+        assert error["retryable"] is True and error["code"] and "client_message_id" in error["detail"]
+    assert "proxy_intercept_errors" not in NGINX_CODE, "the API's own 502/504 JSON bodies must pass through"
 
 
 def test_dockerfile_runtime_stage() -> None:
