@@ -7,9 +7,12 @@ and start-up order agree across the files.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -327,3 +330,60 @@ def test_dockerfile_puts_migrations_in_the_working_directory() -> None:
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".env", ".venv", ".data", ".git"} <= ignored
+
+
+def _smoke() -> ModuleType:
+    """deploy/smoke.py, the compose smoke test (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("compose_smoke", ROOT / "deploy" / "smoke.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_env_is_env_example_with_what_compose_requires() -> None:
+    smoke = _smoke()
+    example = (ROOT / ".env.example").read_text()
+    generated = smoke.make_env(example, smoke.smoke_settings(18000))
+    env = smoke.parse_env(generated)
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", COMPOSE_TEXT))
+    assert required and all(env.get(name) for name in required), f"compose requires {sorted(required)}"
+    assert len(env["AUTH_SECRET"]) >= 32
+    assert env["POSTGRES_PASSWORD"].isalnum(), "it goes into DATABASE_URL"
+    assert (env["CHAT_MODEL"], env["API_PUBLISH_PORT"]) == ("offline", "18000")
+    assert set(_env_example()) <= _names(generated), "the example's documentation stays"
+    again = smoke.parse_env(smoke.make_env(example, smoke.smoke_settings(18000)))
+    assert again["MCP_TOKEN_SECRET"] != env["MCP_TOKEN_SECRET"], "every run gets fresh secrets"
+
+
+def _names(env_text: str) -> set[str]:
+    return {match.group(1) for line in env_text.splitlines() if (match := re.match(r"^#?\s*([A-Z][A-Z0-9_]*)=", line))}
+
+
+def test_smoke_keeps_the_callers_shell_out_of_the_stack() -> None:
+    """Compose prefers the shell's variables over --env-file: an exported model key must not leak in."""
+    smoke = _smoke()
+    env_text = smoke.make_env((ROOT / ".env.example").read_text(), smoke.smoke_settings(18000))
+    shell = {"PATH": "/usr/bin", "COMPOSE_FILE": "a.yml:b.yml", "GEMINI_API_KEY": "real", "CORS_ORIGINS": "x"}
+    env = smoke.compose_environment(env_text, shell, Path("/tmp/smoke.yml"))
+    assert (env["PATH"], env["COMPOSE_FILE"]) == ("/usr/bin", "a.yml:b.yml:/tmp/smoke.yml")
+    assert env["GEMINI_API_KEY"] == "" and env["CHAT_MODEL"] == "offline"
+    assert "CORS_ORIGINS" not in env
+    bare = smoke.compose_environment(env_text, {"PATH": "/usr/bin"}, Path("/tmp/smoke.yml"))
+    assert bare["COMPOSE_FILE"] == "docker-compose.yml:/tmp/smoke.yml"
+
+
+def test_smoke_containers_read_the_generated_env_file_not_the_checkouts() -> None:
+    smoke = _smoke()
+    readers = sorted(name for name, spec in SERVICES.items() if "env_file" in spec)
+    assert readers == sorted(smoke.ENV_FILE_SERVICES)
+    override = smoke.env_file_override(Path("/tmp/x/.env"))
+    assert override.count("env_file: !override") == len(readers)
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node, deep=True))
+    parsed = yaml.load(override, Loader=Loader)
+    assert parsed == {"services": {name: {"env_file": [{"path": "/tmp/x/.env"}]} for name in readers}}
