@@ -387,3 +387,10 @@ def test_smoke_containers_read_the_generated_env_file_not_the_checkouts() -> Non
     Loader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node, deep=True))
     parsed = yaml.load(override, Loader=Loader)
     assert parsed == {"services": {name: {"env_file": [{"path": "/tmp/x/.env"}]} for name in readers}}
+
+
+def test_readme_compose_section_names_the_smoke_test_and_the_override() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Docker Compose", 1)[1].split("\n## ", 1)[0]
+    for needle in ("python deploy/smoke.py", "deploy/compose.build-host-network.yml", "client_message_id", "502"):
+        assert needle in section, f"the README's Docker Compose section should mention {needle}"
