@@ -141,6 +141,8 @@ def test_the_image_is_built_once() -> None:
     for service in BACKEND_SERVICES:
         # `docker compose up api` must still build the image: the builder is a dependency.
         assert BUILDER in _dependency_closure(service), f"{service} does not depend on {BUILDER}"
+        # A local image: `docker compose pull` (for db and lb) must not try a registry for it.
+        assert SERVICES[service].get("pull_policy") == "never", f"{service}: pull_policy: never"
 
 
 def _dependency_closure(service: str) -> set[str]:
