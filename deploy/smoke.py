@@ -383,7 +383,9 @@ class Smoke:
     def build_and_start(self) -> None:
         with self.steps.step("up --build from a clean state (no containers, no volumes)"):
             self.compose("down", "--volumes", "--remove-orphans")
+            began = time.monotonic()
             out = self.compose("--progress", "plain", "up", "--build", "--detach", stderr=True)
+            self.steps.note(f"`up --build` returned after {time.monotonic() - began:.1f}s")
             built = sorted(set(re.findall(r"naming to (\S+)", out)))
             names = re.findall(r"naming to \S+", out)
             self.steps.note(f"image builds: {len(names)} ({', '.join(built) or 'none reported'})")
@@ -528,8 +530,10 @@ class Smoke:
             users = sorted(self.tokens)
             before = {user: self.conversations(user) for user in users}
             self.compose("down")
+            began = time.monotonic()
             self.compose("up", "--detach")
             self.wait_healthy(api_replicas=1)
+            self.steps.note(f"healthy {time.monotonic() - began:.1f}s after `up`")
             for user in users:
                 after = self.conversations(user)
                 check(_summaries(after) == _summaries(before[user]), f"{user}'s conversations changed across down/up")
