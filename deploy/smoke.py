@@ -62,12 +62,15 @@ def check(condition: bool, message: str) -> None:
 
 
 def smoke_settings(port: int) -> dict[str, str]:
-    """What the smoke stack needs beyond .env.example: fresh secrets, the offline model, a free port."""
+    """What the smoke stack needs beyond .env.example: fresh secrets, the offline model, no per-user turn
+    limit, a free port."""
     return {
         "POSTGRES_PASSWORD": secrets.token_hex(16),  # letters and digits: it goes into a URL
         "MCP_TOKEN_SECRET": secrets.token_hex(32),
         "AUTH_SECRET": secrets.token_hex(32),  # lets `chat-backend token` mint tokens the API accepts
         "CHAT_MODEL": "offline",  # containers have no outside access in locked-down environments
+        # The kill step sends a few hundred turns a minute as one user: the per-user limit would refuse them.
+        "USER_TURNS_PER_MINUTE": "0",
         "API_PUBLISH_PORT": str(port),
     }
 

@@ -354,6 +354,8 @@ def test_smoke_env_is_env_example_with_what_compose_requires() -> None:
     assert len(env["AUTH_SECRET"]) >= 32
     assert env["POSTGRES_PASSWORD"].isalnum(), "it goes into DATABASE_URL"
     assert (env["CHAT_MODEL"], env["API_PUBLISH_PORT"]) == ("offline", "18000")
+    unknown = set(smoke.smoke_settings(18000)) - SETTINGS_VARS - COMPOSE_VARS
+    assert not unknown, f"the smoke test sets variables nothing reads: {sorted(unknown)}"
     assert set(_env_example()) <= _names(generated), "the example's documentation stays"
     again = smoke.parse_env(smoke.make_env(example, smoke.smoke_settings(18000)))
     assert again["MCP_TOKEN_SECRET"] != env["MCP_TOKEN_SECRET"], "every run gets fresh secrets"
