@@ -7,9 +7,12 @@ and start-up order agree across the files.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +35,8 @@ LIBRARY_VARS = {
 # Only docker-compose.yml interpolates these.
 COMPOSE_VARS = {"POSTGRES_PASSWORD", "API_PUBLISH_PORT"}
 BACKEND_SERVICES = ("migrate", "mcp", "api")
+# The one service that builds the image; the others run it by name.
+BUILDER = "migrate"
 VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -116,7 +121,7 @@ def test_subcommand_probe_tells_real_from_unknown() -> None:
 @pytest.mark.parametrize("service", BACKEND_SERVICES)
 def test_backend_services_run_a_real_subcommand_of_our_image(service: str) -> None:
     spec = SERVICES[service]
-    assert spec.get("build") in (".", {"context": "."}), f"{service} is not built from the Dockerfile"
+    assert spec["image"] == SERVICES[BUILDER]["image"], f"{service} does not run the image {BUILDER} builds"
     command = spec["command"]
     assert isinstance(command, list), f"{service}: use the exec form for command"
     assert _is_subcommand(command[0]), f"{service}: `chat-backend {command[0]}` does not exist"
@@ -125,6 +130,55 @@ def test_backend_services_run_a_real_subcommand_of_our_image(service: str) -> No
 def test_backend_services_share_one_image_and_run_their_process() -> None:
     assert len({SERVICES[s].get("image") for s in BACKEND_SERVICES}) == 1
     assert [SERVICES[s]["command"][0] for s in BACKEND_SERVICES] == ["migrate", "mcp", "serve"]
+
+
+def test_the_image_is_built_once() -> None:
+    """Several services with `build:` make compose build the image once each: the last build wins the tag,
+    and the next `up --scale` or `run` recreates the services whose container names an older image."""
+    builders = [name for name, spec in SERVICES.items() if "build" in spec]
+    assert builders == [BUILDER], f"only {BUILDER} may build the image, found build: on {builders}"
+    assert SERVICES[BUILDER]["build"] in (".", {"context": "."}), "build from the Dockerfile at the root"
+    for service in BACKEND_SERVICES:
+        # `docker compose up api` must still build the image: the builder is a dependency.
+        assert BUILDER in _dependency_closure(service), f"{service} does not depend on {BUILDER}"
+        # A local image: `docker compose pull` (for db and lb) must not try a registry for it.
+        assert SERVICES[service].get("pull_policy") == "never", f"{service}: pull_policy: never"
+
+
+def _dependency_closure(service: str) -> set[str]:
+    found = {service}
+    for name in SERVICES[service].get("depends_on") or {}:
+        found |= _dependency_closure(name)
+    return found
+
+
+def test_host_network_build_override_touches_only_the_build() -> None:
+    path = ROOT / "deploy" / "compose.build-host-network.yml"
+    text = path.read_text()
+    assert text.startswith("#"), f"{path.name} must say in a comment when it is needed"
+    assert f"COMPOSE_FILE=docker-compose.yml:deploy/{path.name}" in text
+    assert yaml.safe_load(text) == {"services": {BUILDER: {"build": {"network": "host"}}}}
+
+
+def test_dockerfile_needs_no_registry_beyond_its_base_image() -> None:
+    """A `# syntax=` directive makes every build pull a frontend image; offline builds then fail."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.IGNORECASE | re.MULTILINE)
+    bases = {args.split()[0] for stage in _dockerfile_stages() for kw, args in stage if kw == "FROM"}
+    assert bases == {"${PYTHON_IMAGE}"}
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
+
+
+def test_dockerfile_installs_dependencies_before_the_code() -> None:
+    """The dependency layer reads only pyproject.toml, so a code change rebuilds seconds, not minutes."""
+    build = _dockerfile_stages()[0]
+    copies = [(i, args) for i, (kw, args) in enumerate(build) if kw == "COPY"]
+    first_index, first = copies[0]
+    assert first.split()[:-1] == ["pyproject.toml"], f"the first COPY must be pyproject.toml alone: {first}"
+    code_index = next(i for i, args in copies if "backend" in args.split()[:-1])
+    installs = [args for kw, args in build[first_index:code_index] if kw == "RUN" and "pip install" in args]
+    assert installs, "install the dependencies between COPY pyproject.toml and COPY backend"
+    assert "tomllib" not in " ".join(installs), "pip reads pyproject.toml itself"
 
 
 @pytest.mark.parametrize("service", BACKEND_SERVICES)
@@ -232,6 +286,23 @@ def test_nginx_streams_sse_and_forwards_client_headers() -> None:
     )
 
 
+def test_nginx_answers_its_own_errors_as_retryable_json() -> None:
+    """A replica killed mid-request fails that request with nginx's 502: the client must be able to read
+    the same JSON error shape as the API's (`code`, `retryable`) and retry with its client_message_id."""
+    pages = dict(re.findall(r"error_page\s+(\d+)\s+(@\w+);", NGINX_CODE))
+    assert set(pages) == {"502", "504"}
+    # Up to the closing brace on a line of its own: the JSON bodies hold braces.
+    named = dict(re.findall(r"location\s+(@\w+)\s*\{(.*?)\n\s*\}", NGINX_CODE, re.DOTALL))
+    for status, location in pages.items():
+        body = named[location]
+        assert "default_type application/json;" in body
+        (returned,) = re.findall(r"return\s+(\d+)\s+'([^']*)';", body)
+        assert returned[0] == status
+        error = json.loads(returned[1].replace("\\n", ""))
+        assert error["retryable"] is True and error["code"] and "client_message_id" in error["detail"]
+    assert "proxy_intercept_errors" not in NGINX_CODE, "the API's own 502/504 JSON bodies must pass through"
+
+
 def test_dockerfile_runtime_stage() -> None:
     users = _final("USER")
     assert users, "the runtime stage must set USER"
@@ -261,3 +332,69 @@ def test_dockerfile_puts_migrations_in_the_working_directory() -> None:
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".env", ".venv", ".data", ".git"} <= ignored
+
+
+def _smoke() -> ModuleType:
+    """deploy/smoke.py, the compose smoke test (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("compose_smoke", ROOT / "deploy" / "smoke.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_env_is_env_example_with_what_compose_requires() -> None:
+    smoke = _smoke()
+    example = (ROOT / ".env.example").read_text()
+    generated = smoke.make_env(example, smoke.smoke_settings(18000))
+    env = smoke.parse_env(generated)
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", COMPOSE_TEXT))
+    assert required and all(env.get(name) for name in required), f"compose requires {sorted(required)}"
+    assert len(env["AUTH_SECRET"]) >= 32
+    assert env["POSTGRES_PASSWORD"].isalnum(), "it goes into DATABASE_URL"
+    assert (env["CHAT_MODEL"], env["API_PUBLISH_PORT"]) == ("offline", "18000")
+    unknown = set(smoke.smoke_settings(18000)) - SETTINGS_VARS - COMPOSE_VARS
+    assert not unknown, f"the smoke test sets variables nothing reads: {sorted(unknown)}"
+    assert set(_env_example()) <= _names(generated), "the example's documentation stays"
+    again = smoke.parse_env(smoke.make_env(example, smoke.smoke_settings(18000)))
+    assert again["MCP_TOKEN_SECRET"] != env["MCP_TOKEN_SECRET"], "every run gets fresh secrets"
+
+
+def _names(env_text: str) -> set[str]:
+    return {match.group(1) for line in env_text.splitlines() if (match := re.match(r"^#?\s*([A-Z][A-Z0-9_]*)=", line))}
+
+
+def test_smoke_keeps_the_callers_shell_out_of_the_stack() -> None:
+    """Compose prefers the shell's variables over --env-file: an exported model key must not leak in."""
+    smoke = _smoke()
+    env_text = smoke.make_env((ROOT / ".env.example").read_text(), smoke.smoke_settings(18000))
+    shell = {"PATH": "/usr/bin", "COMPOSE_FILE": "a.yml:b.yml", "GEMINI_API_KEY": "real", "CORS_ORIGINS": "x"}
+    env = smoke.compose_environment(env_text, shell, Path("/tmp/smoke.yml"))
+    assert (env["PATH"], env["COMPOSE_FILE"]) == ("/usr/bin", "a.yml:b.yml:/tmp/smoke.yml")
+    assert env["GEMINI_API_KEY"] == "" and env["CHAT_MODEL"] == "offline"
+    assert "CORS_ORIGINS" not in env
+    bare = smoke.compose_environment(env_text, {"PATH": "/usr/bin"}, Path("/tmp/smoke.yml"))
+    assert bare["COMPOSE_FILE"] == "docker-compose.yml:/tmp/smoke.yml"
+
+
+def test_smoke_containers_read_the_generated_env_file_not_the_checkouts() -> None:
+    smoke = _smoke()
+    readers = sorted(name for name, spec in SERVICES.items() if "env_file" in spec)
+    assert readers == sorted(smoke.ENV_FILE_SERVICES)
+    override = smoke.env_file_override(Path("/tmp/x/.env"))
+    assert override.count("env_file: !override") == len(readers)
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node, deep=True))
+    parsed = yaml.load(override, Loader=Loader)
+    assert parsed == {"services": {name: {"env_file": [{"path": "/tmp/x/.env"}]} for name in readers}}
+
+
+def test_readme_compose_section_names_the_smoke_test_and_the_override() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Docker Compose", 1)[1].split("\n## ", 1)[0]
+    for needle in ("python deploy/smoke.py", "deploy/compose.build-host-network.yml", "client_message_id", "502"):
+        assert needle in section, f"the README's Docker Compose section should mention {needle}"
