@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     auth_leeway_seconds: int = 5
     auth_jwks_cache_seconds: int = 600
     auth_jwks_refetch_seconds: float = 30.0
+    auth_jwks_timeout_seconds: float = 5.0
+    # After a failed JWKS fetch: wait this long, doubling per failure up to the max.
+    auth_jwks_retry_seconds: float = 2.0
+    auth_jwks_retry_max_seconds: float = 30.0
 
     # Model.
     chat_model: str | None = None
