@@ -1,7 +1,8 @@
 """Bearer-token verification: Better Auth JWKS (EdDSA, ES256, RS256) and/or an HS256 shared secret.
 
 The accepted algorithms come from configuration, never from the token: the header's `alg` only
-selects among them, and the key must be of that algorithm's type (no HS/RS confusion).
+selects among them, and the key must be of that algorithm's type (no HS/RS confusion). A token
+meant for the MCP server (its audience or issuer) is never a user token, whatever the secrets.
 
 The JWKS cache is built so that a failing identity provider costs the API neither availability nor
 the provider extra load: one fetch at a time however many requests need keys (they share it),
@@ -22,7 +23,7 @@ import httpx
 import jwt
 from jwt import PyJWK
 
-from backend.config import Settings
+from backend.config import MCP_AUDIENCE, MCP_ISSUER, Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ MAX_USER_ID_LENGTH = 255
 MAX_JWKS_BYTES = 256 * 1024
 # Public-key types only: a symmetric ("oct") key in a published set is a misconfiguration.
 _KEY_TYPES = frozenset({"OKP", "EC", "RSA"})
+_NUMERIC_DATES = ("exp", "nbf", "iat")
 
 
 class AuthError(Exception):
@@ -214,6 +216,31 @@ def _parse_jwks(document: Any) -> tuple[dict[str | None, PyJWK], int]:
     return keys, skipped
 
 
+def _check_claim_types(claims: dict[str, Any]) -> None:
+    """Reject what PyJWT would coerce or not look at: string dates, non-string audiences/issuers."""
+    for name in _NUMERIC_DATES:
+        value = claims.get(name)
+        if name in claims and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise AuthError(f"{name} is not a NumericDate")
+    aud = claims.get("aud")
+    if "aud" in claims and not (
+        isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
+    ):
+        raise AuthError("aud is not a string or a list of strings")
+    if "iss" in claims and not isinstance(claims["iss"], str):
+        raise AuthError("iss is not a string")
+
+
+def _reject_delegation_tokens(claims: dict[str, Any]) -> None:
+    """A token addressed to (or minted for) the MCP server never authenticates a user here."""
+    aud = claims.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if MCP_AUDIENCE in audiences or claims.get("iss") == MCP_ISSUER:
+        raise AuthError("token is meant for the MCP server")
+
+
 class TokenVerifier:
     """Turns an `Authorization: Bearer` token into the user id (`sub`), or raises AuthError."""
 
@@ -262,6 +289,8 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as exc:
             raise AuthError(type(exc).__name__) from exc
+        _check_claim_types(claims)
+        _reject_delegation_tokens(claims)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip() or len(sub) > MAX_USER_ID_LENGTH or "\x00" in sub:
             raise AuthError("invalid sub")

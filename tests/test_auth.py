@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,7 +20,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from backend.config import Settings
+from backend.config import MCP_AUDIENCE, MCP_ISSUER, ConfigError, Settings
+from backend.delegation import mint_operator_token, mint_turn_token
+from backend.main import create_app
 from tests.conftest import make_settings
 from tests.support.jwks_server import JwksServer, SigningKeys
 from tests.support.stack import api_client
@@ -143,12 +146,91 @@ async def test_issuer_and_audience_checked_when_configured(database_url: str) ->
         _assert_401(await _status(http, user_token("alice", iss="http://evil.test", aud="chat-api")))
         _assert_401(await _status(http, user_token("alice", iss=ISSUER, aud="other-api")))
         _assert_401(await _status(http, user_token("alice", aud="chat-api")))  # iss missing
+        # Listing the API's audience does not excuse also naming the MCP server's.
+        _assert_401(await _status(http, user_token("alice", iss=ISSUER, aud=["chat-api", MCP_AUDIENCE])))
 
 
 async def test_token_with_aud_accepted_when_audience_not_configured(client: httpx.AsyncClient) -> None:
     # Better Auth always sets aud; without AUTH_AUDIENCE the API must not reject that.
     assert (await _status(client, user_token("alice", aud=ISSUER))).status_code == 200
     assert (await _status(client, user_token("alice", aud=[ISSUER, "another-app"]))).status_code == 200
+
+
+# --- Secrets and audiences stay apart ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(mint_operator_token(TEST_AUTH_SECRET, "alice"), id="operator-token"),
+        pytest.param(
+            mint_turn_token(
+                TEST_AUTH_SECRET,
+                "alice",
+                conversation_id=uuid.uuid4(),
+                turn_id=uuid.uuid4(),
+                replay_scope="r",
+                ttl_seconds=60,
+            ),
+            id="turn-token",
+        ),
+        pytest.param(user_token("alice", aud=MCP_AUDIENCE), id="mcp-audience"),
+        pytest.param(user_token("alice", aud=[ISSUER, MCP_AUDIENCE]), id="mcp-audience-in-a-list"),
+        pytest.param(user_token("alice", iss=MCP_ISSUER), id="mcp-issuer"),
+    ],
+)
+async def test_delegation_tokens_are_never_user_tokens(client: httpx.AsyncClient, token: str) -> None:
+    """Even signed with AUTH_SECRET and with AUTH_AUDIENCE unset, an MCP-bound token is refused."""
+    _assert_401(await _status(client, token))
+
+
+def test_shared_auth_and_mcp_secret_refuses_to_start() -> None:
+    secret = "one-secret-for-both-0123456789abcdef0123"
+    settings = make_settings("postgresql://u@h/db", auth_secret=secret, mcp_token_secret=secret)
+    for validate in (settings.validate_for_api, settings.validate_for_mcp):
+        with pytest.raises(ConfigError, match=r"AUTH_SECRET.*MCP_TOKEN_SECRET"):
+            validate()
+    with pytest.raises(ConfigError, match="MCP_TOKEN_SECRET"):
+        create_app(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("auth_audience", MCP_AUDIENCE), ("auth_issuer", MCP_ISSUER)], ids=["audience", "issuer"]
+)
+def test_api_cannot_be_configured_as_the_mcp_audience(variable: str, value: str) -> None:
+    settings = make_settings("postgresql://u@h/db", **{variable: value})
+    with pytest.raises(ConfigError, match=variable.upper()):
+        settings.validate_for_api()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"exp": str(int(time.time()) + 3600)}, id="exp-string"),
+        pytest.param({"nbf": str(int(time.time()) - 60)}, id="nbf-string"),
+        pytest.param({"iat": str(int(time.time()))}, id="iat-string"),
+        pytest.param({"exp": True}, id="exp-bool"),
+        pytest.param({"iat": True}, id="iat-bool"),
+        pytest.param({"exp": [int(time.time()) + 3600]}, id="exp-list"),
+        pytest.param({"aud": 5}, id="aud-number"),
+        pytest.param({"aud": [ISSUER, 5]}, id="aud-list-with-number"),
+        pytest.param({"iss": 5}, id="iss-number"),
+    ],
+)
+async def test_claims_of_the_wrong_type_are_rejected_not_coerced(
+    client: httpx.AsyncClient, overrides: dict[str, Any]
+) -> None:
+    now = int(time.time())
+    payload = json.dumps({"sub": "alice", "iat": now, "exp": now + 300, **overrides}).encode()
+    # Signed as raw bytes: PyJWT's encoder refuses some of these shapes, a forger's would not.
+    token = jwt.api_jws.encode(payload, TEST_AUTH_SECRET, algorithm="HS256")
+    _assert_401(await _status(client, token))
+
+
+async def test_fractional_numeric_dates_are_accepted(client: httpx.AsyncClient) -> None:
+    # RFC 7519 NumericDate may be non-integer.
+    now = time.time()
+    assert (await _status(client, user_token("alice", iat=now, exp=now + 300.5))).status_code == 200
 
 
 # --- JWKS (Better Auth) ---------------------------------------------------------------------------
