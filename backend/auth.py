@@ -91,18 +91,19 @@ class JwksCache:
     async def key_for(self, kid: str | None) -> PyJWK | None:
         """The key for `kid`, None if the provider does not publish it, or AuthUnavailable."""
         started = time.monotonic()
+        waited = False  # a request waits for one fetch at most
         if not self._keys:
-            await self._await_fetch(self._current_or_new_fetch(started))
+            waited = await self._await_fetch(self._current_or_new_fetch(started))
             if not self._keys:
                 raise AuthUnavailable(self._retry_after(self._retry_at))
         elif started - self._fetched_at > self._ttl:
             self._current_or_new_fetch(started)  # stale-while-revalidate: serve these meanwhile
         key = self._lookup(kid)
-        if key is None:
-            # An unknown kid usually means the issuer rotated its keys: refetch, unless these keys
-            # are newer than this request or a refetch happened recently (made-up kids are free).
+        if key is None and not waited:
+            # An unknown kid usually means the issuer rotated its keys: refetch, unless a refetch
+            # happened recently (made-up kids must not cost the provider a fetch each).
             fetch = self._inflight
-            if fetch is None and self._attempted_at < started and started - self._attempted_at >= self._min_refetch:
+            if fetch is None and started - self._attempted_at >= self._min_refetch:
                 fetch = self._current_or_new_fetch(started)
             if fetch is not None:
                 await self._await_fetch(fetch)
@@ -131,9 +132,12 @@ class JwksCache:
             self._inflight = asyncio.create_task(self._fetch(), name="jwks-fetch")
         return self._inflight
 
-    async def _await_fetch(self, fetch: asyncio.Task[None] | None) -> None:
-        if fetch is not None:
-            await asyncio.shield(fetch)
+    async def _await_fetch(self, fetch: asyncio.Task[None] | None) -> bool:
+        """Wait for `fetch` if there is one (a cancelled waiter leaves it running); did we wait?"""
+        if fetch is None:
+            return False
+        await asyncio.shield(fetch)
+        return True
 
     @staticmethod
     def _retry_after(ready_at: float) -> int:
