@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     auth_leeway_seconds: int = 5
     auth_jwks_cache_seconds: int = 600
     auth_jwks_refetch_seconds: float = 30.0
+    auth_jwks_timeout_seconds: float = 5.0
+    # After a failed JWKS fetch: wait this long, doubling per failure up to the max.
+    auth_jwks_retry_seconds: float = 2.0
+    auth_jwks_retry_max_seconds: float = 30.0
 
     # Model.
     chat_model: str | None = None
@@ -198,7 +202,18 @@ class Settings(BaseSettings):
         model = self.model_name
         if model.startswith("gemini/") and not (self.gemini_api_key or self.model_api_key):
             raise ConfigError(f"CHAT_MODEL={model} needs GEMINI_API_KEY")
+        if self.auth_audience == MCP_AUDIENCE or self.auth_issuer == MCP_ISSUER:
+            raise ConfigError(
+                f"AUTH_AUDIENCE and AUTH_ISSUER must not be the MCP server's ({MCP_AUDIENCE}, {MCP_ISSUER})"
+            )
+        self._check_secrets_apart()
 
     def validate_for_mcp(self) -> None:
         self.require_database_url()
         self.resolved_mcp_secret()
+        self._check_secrets_apart()
+
+    def _check_secrets_apart(self) -> None:
+        # With one secret for both, anyone holding a delegation token's key could mint user tokens.
+        if self.resolved_auth_secret() == self.resolved_mcp_secret():
+            raise ConfigError("AUTH_SECRET and MCP_TOKEN_SECRET must be different secrets")

@@ -52,7 +52,13 @@ async def get_current_user(
     except AuthError as exc:
         raise unauthorized() from exc
     except AuthUnavailable as exc:
-        raise ApiError(503, "auth_unavailable", "Token keys are unavailable; try again", retryable=True) from exc
+        raise ApiError(
+            503,
+            "auth_unavailable",
+            "The identity provider's keys are unavailable; try again later",
+            retryable=True,
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from exc
 
 
 CurrentUser = Annotated[str, Depends(get_current_user)]

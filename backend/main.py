@@ -58,6 +58,7 @@ def create_app(
         yield
         await app.state.http.aclose()
         await tools.aclose()
+        await app.state.verifier.aclose()
         engine.dispose()
 
     app = FastAPI(
