@@ -71,7 +71,6 @@ class JwksCache:
         timeout_seconds: float = 5.0,
         retry_seconds: float = 2.0,
         retry_max_seconds: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._url = url
         self._ttl = ttl_seconds
@@ -79,7 +78,6 @@ class JwksCache:
         self._timeout = timeout_seconds
         self._retry = retry_seconds
         self._retry_max = retry_max_seconds
-        self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._keys: dict[str | None, PyJWK] = {}
         self._fetched_at = 0.0  # last fetch that produced keys
@@ -180,7 +178,7 @@ class JwksCache:
     async def _download(self) -> bytes:
         if self._client is None:
             # One client (and its keep-alive connection) for every fetch; the timeout is ours.
-            self._client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
+            self._client = httpx.AsyncClient(timeout=self._timeout)
         async with self._client.stream("GET", self._url, headers={"Accept": "application/json"}) as response:
             response.raise_for_status()
             body = bytearray()
@@ -248,7 +246,7 @@ def _reject_delegation_tokens(claims: dict[str, Any]) -> None:
 class TokenVerifier:
     """Turns an `Authorization: Bearer` token into the user id (`sub`), or raises AuthError."""
 
-    def __init__(self, settings: Settings, *, jwks_transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._secret = settings.resolved_auth_secret()
         self._algorithms = set(settings.algorithms)
         self._issuer = settings.auth_issuer
@@ -262,7 +260,6 @@ class TokenVerifier:
                 timeout_seconds=settings.auth_jwks_timeout_seconds,
                 retry_seconds=settings.auth_jwks_retry_seconds,
                 retry_max_seconds=settings.auth_jwks_retry_max_seconds,
-                transport=jwks_transport,
             )
             if settings.auth_jwks_url
             else None

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from backend.auth import AuthError, AuthUnavailable, TokenVerifier
 from backend.config import Settings
 from backend.db import Database
-from backend.errors import ApiError, unauthorized
+from backend.failures import Unauthorized, Unavailable
 from backend.services import conversations
 from backend.services.conversations import OwnedRow
 from backend.services.turn import TurnService
@@ -45,20 +45,15 @@ async def get_current_user(
 ) -> str:
     """The verified token's `sub`: the only source of identity."""
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise unauthorized("Missing bearer token")
+        raise Unauthorized("Missing bearer token")
     verifier: TokenVerifier = request.app.state.verifier
     try:
         return await verifier.verify(credentials.credentials)
     except AuthError as exc:
-        raise unauthorized() from exc
+        raise Unauthorized("Invalid or missing bearer token") from exc
     except AuthUnavailable as exc:
-        raise ApiError(
-            503,
-            "auth_unavailable",
-            "The identity provider's keys are unavailable; try again later",
-            retryable=True,
-            headers={"Retry-After": str(exc.retry_after)},
-        ) from exc
+        message = "The identity provider's keys are unavailable; try again later"
+        raise Unavailable(message, code="auth_unavailable", retry_after=exc.retry_after) from exc
 
 
 CurrentUser = Annotated[str, Depends(get_current_user)]

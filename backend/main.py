@@ -44,10 +44,9 @@ def configure_process(settings: Settings) -> None:
 def create_app(
     settings: Settings | None = None,
     *,
-    jwks_transport: httpx.AsyncBaseTransport | None = None,
     model_factory: Callable[[], Model] | None = None,
 ) -> FastAPI:
-    """The API. `jwks_transport` and `model_factory` let tests stand in for the network and the model."""
+    """The API. `model_factory` lets tests stand in for the model."""
     settings = settings or Settings()
     settings.validate_for_api()
     configure_process(settings)
@@ -74,7 +73,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.db = db
-    app.state.verifier = TokenVerifier(settings, jwks_transport=jwks_transport)
+    app.state.verifier = TokenVerifier(settings)
     app.state.http = httpx.AsyncClient(timeout=10.0)
     app.state.turns = turns
     app.state.chatkit = TaskChatKitServer(ConversationStore(db, turns), turns)
