@@ -130,7 +130,7 @@ def _token(args: argparse.Namespace) -> None:
 # --- dev -----------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # not Exception: no library `except Exception` may swallow it
     """Raised by the signal handlers so every `finally` of `dev` runs."""
 
 

@@ -78,11 +78,14 @@ def mcp_config(settings: Settings, app: ASGIApp) -> ServerConfig:
 
 def run(config: ServerConfig) -> None:
     """`uvicorn.run` for a ready `Config`: a supervisor with workers, or the server in this process."""
-    if config.workers > 1:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
-        return
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            return
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
+        return
     if not server.started:
         sys.exit(STARTUP_FAILURE)
 
