@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import TEST_MCP_SECRET
 from tests.support import db
-from tests.support.servers import free_port, run_process, wait_http
+from tests.support.servers import free_port, wait_http
 from tests.support.tokens import TEST_AUTH_SECRET, auth
 
 LIMITS = {"MAX_HEADER_BYTES": "16384", "MAX_HEADER_COUNT": "100", "HEADER_TIMEOUT_SECONDS": "1"}
@@ -44,6 +44,25 @@ def _env(database_url: str, **extra: str) -> dict[str, str]:
     }
 
 
+@contextmanager
+def _process(command: str, env: dict[str, str], base: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`chat-backend COMMAND` with all its workers up (each imports the whole stack: slow on a busy machine)."""
+    base = base or f"http://127.0.0.1:{env['API_PORT']}"
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", command], env={**os.environ, **env})
+    try:
+        wait_http(f"{base}/health", timeout=120, proc=proc)
+        deadline = time.monotonic() + 120
+        workers = int(env["WEB_CONCURRENCY"]) if command == "serve" else 1
+        while workers > 1 and len(_children(proc.pid)) < workers:  # with one, `serve` is the worker
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def servers(pg_admin_url: str, template_db: str) -> Iterator[dict[str, tuple[str, int]]]:
     """One `serve` and one `mcp` process for the module: {"api"|"mcp": (base URL, pid)}."""
@@ -52,10 +71,7 @@ def servers(pg_admin_url: str, template_db: str) -> Iterator[dict[str, tuple[str
     env = _env(db.with_database(pg_admin_url, name), API_PORT=str(api_port), KEEP_ALIVE_SECONDS="1")
     env["MCP_URL"] = f"http://127.0.0.1:{mcp_port}/mcp"
     try:
-        with (
-            run_process(["mcp"], env, f"http://127.0.0.1:{mcp_port}/health") as mcp,
-            run_process(["serve"], env, f"http://127.0.0.1:{api_port}/health") as api,
-        ):
+        with _process("mcp", env, f"http://127.0.0.1:{mcp_port}") as mcp, _process("serve", env) as api:
             yield {"api": (f"http://127.0.0.1:{api_port}", api.pid), "mcp": (f"http://127.0.0.1:{mcp_port}", mcp.pid)}
     finally:
         db.drop(pg_admin_url, name)
@@ -223,47 +239,24 @@ def _server_sockets_of(client_ports: set[int], server_port: int) -> set[str]:
     return inodes
 
 
-@contextmanager
-def _serve(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """`chat-backend serve` with every worker up (each imports the whole stack: slow on a busy machine)."""
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], env={**os.environ, **env})
-    try:
-        wait_http(f"http://127.0.0.1:{env['API_PORT']}/health", timeout=120, proc=proc)
-        deadline = time.monotonic() + 120
-        while len(_children(proc.pid)) < int(env["WEB_CONCURRENCY"]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
 def test_serve_runs_workers_that_all_answer_and_die_with_it(database_url: str) -> None:
     port = free_port()
     env = _env(database_url, API_PORT=str(port), WEB_CONCURRENCY="2", MCP_URL=f"http://127.0.0.1:{free_port()}/mcp")
-    with _serve(env) as serve:
+    with _process("serve", env) as serve:
         workers = _children(serve.pid)
         assert len(workers) == 2, workers
 
-        # Hold many answered connections open, then see which worker owns each one's server side.
-        clients = []
-        owners: dict[int, int] = dict.fromkeys(workers, 0)
-        try:
-            for _ in range(60):
-                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        # New connections until each worker has answered one (the second may still be starting up).
+        answered: dict[int, int] = dict.fromkeys(workers, 0)
+        deadline = time.monotonic() + 120
+        while not all(answered.values()) and time.monotonic() < deadline:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
-                clients.append(sock)
-                ours = _server_sockets_of({s.getsockname()[1] for s in clients}, port)
-                owners = {w: len(_socket_inodes(w) & ours) for w in workers}
-                if all(owners.values()):
-                    break
-            assert sum(owners.values()) == len(clients)
-            assert all(owners.values()), f"connections per worker: {owners}"
-        finally:
-            for sock in clients:
-                sock.close()
+                ours = _server_sockets_of({sock.getsockname()[1]}, port)
+                (owner,) = [w for w in workers if _socket_inodes(w) & ours]
+                answered[owner] += 1
+        assert all(answered.values()), f"requests answered per worker: {answered}"
 
         # A killed `serve` takes its workers with it: nothing keeps answering on its port.
         os.kill(serve.pid, signal.SIGKILL)
@@ -272,5 +265,5 @@ def test_serve_runs_workers_that_all_answer_and_die_with_it(database_url: str) -
         while any(map(_alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(map(_alive, workers))
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
