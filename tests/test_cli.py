@@ -151,3 +151,13 @@ def test_records_of_dead_instances_are_dropped(tmp_path: Path, monkeypatch: pyte
     (folder / "dev-333.json").write_text(json.dumps(asdict(dead)))
     assert running_instances() == []
     assert not (folder / "dev-333.json").exists()
+
+
+def test_an_operator_token_over_an_hour_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MCP_TOKEN_SECRET", "y" * 32)
+    assert main(["token", "--mcp", "--user", "alice", "--ttl", "7200"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--ttl" in error and "3600" in error, error
