@@ -5,7 +5,7 @@ still sending its request line and headers (slowloris). This subclass counts the
 request's head as they arrive and refuses it with `431 headers_too_large` once over
 `MAX_HEADER_BYTES` or `MAX_HEADER_COUNT`, before the app runs, and closes a connection whose head
 is not complete within `HEADER_TIMEOUT_SECONDS` (`408`). A few attribute updates per read and one
-timer per request: it keeps httptools' speed (see the README's configuration reference).
+timer per request: it keeps httptools' speed (`bench/header_limits.py` measures it).
 """
 
 from __future__ import annotations
