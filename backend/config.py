@@ -8,14 +8,17 @@ turns a missing one into a start-up error that names the variable.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 OFFLINE_MODEL = "offline"
 DEFAULT_GEMINI_MODEL = "gemini/gemini-2.5-flash"
@@ -39,7 +42,7 @@ class Settings(BaseSettings):
     # "dev" allows generated secrets (kept under DATA_DIR); anything else refuses to start without them.
     app_env: Literal["dev", "production"] = "production"
     data_dir: Path = Path(".data")
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     database_url: str | None = None
     db_pool_size: int = 10
@@ -102,6 +105,13 @@ class Settings(BaseSettings):
     user_tokens_per_day: int = 0
     user_concurrent_turns: int = 0
 
+    # HTTP servers of `serve` and `mcp` (backend/server.py).
+    web_concurrency: int | None = Field(default=None, ge=1, le=64)  # API worker processes; None: CPUs, at most 8
+    max_header_bytes: int = Field(default=16_384, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    keep_alive_seconds: int = Field(default=75, ge=1)
+
     @field_validator("database_url")
     @classmethod
     def _psycopg2_driver(cls, value: str | None) -> str | None:
@@ -109,8 +119,15 @@ class Settings(BaseSettings):
         if value:
             for prefix in ("postgres://", "postgresql://"):
                 if value.startswith(prefix):
-                    return "postgresql+psycopg2://" + value.removeprefix(prefix)
+                    value = "postgresql+psycopg2://" + value.removeprefix(prefix)
+                    break
+            _check_database_url(value)
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("auth_algorithms", "mcp_allowed_hosts", "cors_origins", mode="before")
     @classmethod
@@ -157,10 +174,19 @@ class Settings(BaseSettings):
         parts = urlsplit(self.mcp_url)
         return f"{parts.scheme}://{parts.netloc}"
 
+    @property
+    def workers(self) -> int:
+        """API worker processes: WEB_CONCURRENCY, else the CPUs this process may use, at most 8."""
+        return self.web_concurrency or min(usable_cpus(), 8)
+
+    @property
+    def dev_secrets_path(self) -> Path:
+        return self.data_dir / "dev-secrets.json"
+
     @cached_property
     def _dev_secrets(self) -> dict[str, str]:
         """Random secrets for `dev`, generated once and kept in DATA_DIR so `token` and `serve` agree."""
-        path = self.data_dir / "dev-secrets.json"
+        path = self.dev_secrets_path
         if path.exists():
             stored: dict[str, str] = json.loads(path.read_text())
             return stored
@@ -217,3 +243,57 @@ class Settings(BaseSettings):
         # With one secret for both, anyone holding a delegation token's key could mint user tokens.
         if self.resolved_auth_secret() == self.resolved_mcp_secret():
             raise ConfigError("AUTH_SECRET and MCP_TOKEN_SECRET must be different secrets")
+
+
+def _check_database_url(url: str) -> None:
+    """Refuse a DATABASE_URL this project cannot use, in words (never echoing it: it may hold a password)."""
+    example = "e.g. postgresql://user:password@host:5432/database"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"is not a database URL ({example})") from None
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"must be a PostgreSQL URL, not {parsed.get_backend_name()}:// ({example})")
+    if parsed.drivername != "postgresql+psycopg2":
+        raise ValueError(f"uses the driver {parsed.drivername!r}; this project ships psycopg2 (use postgresql://)")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"has the port {parsed.port}, outside 1-65535")
+
+
+# Values never repeated in an error message.
+_SECRET_FIELDS = {"database_url", "auth_secret", "mcp_token_secret", "gemini_api_key", "model_api_key"}
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each variable that failed, e.g. `LOG_LEVEL: Input should be 'DEBUG', ... (got 'loud')`."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if field and field not in _SECRET_FIELDS and error["type"] != "value_error":
+            message += f" (got {error['input']!r})"
+        separator = " " if error["type"] == "value_error" else ": "  # "DATABASE_URL is not ..." reads on
+        problems.append(f"{field.upper()}{separator}{message}")
+    return "; ".join(problems)
+
+
+def load_settings(**values: Any) -> Settings:
+    """`Settings(**values)` with a bad variable turned into a one-line `ConfigError` that names it."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    except SettingsError as exc:  # a value pydantic-settings could not even decode
+        raise ConfigError(str(exc)) from None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return max(count, 1)
+    if quota != "max" and int(period) > 0:
+        count = min(count, -(-int(quota) // int(period)))  # a 1.5-CPU quota still gets 2 workers
+    return max(count, 1)

