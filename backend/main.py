@@ -41,6 +41,14 @@ def configure_process(settings: Settings) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+async def warm_routes(app: FastAPI) -> None:
+    """FastAPI builds each router's routes on the first request that walks them: one request that
+    matches nothing walks them all, at start-up instead of in a user's request."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://warm-up") as client:
+        await client.get("/.warm-up")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -54,6 +62,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await warm_up(settings)
+        await tools.prefetch_tools(within=2.0)
+        await warm_routes(app)
         yield
         await app.state.http.aclose()
         await tools.aclose()
