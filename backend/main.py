@@ -62,6 +62,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await warm_up(settings)
+        # The first connection runs SQLAlchemy's dialect set-up (several queries): here, not in a turn.
+        # Neither this nor the tool list is required: a database or MCP server that is not up yet is
+        # reached on the first request instead.
+        await db.ping(within=2.0)
         await tools.prefetch_tools(within=2.0)
         await warm_routes(app)
         yield
@@ -77,7 +81,7 @@ def create_app(
         lifespan=lifespan,
     )
     engine = make_engine(settings)
-    db = Database(engine, settings.db_timeout_seconds)
+    db = Database(engine, settings.db_timeout_seconds, settings.db_pool_size + settings.db_max_overflow)
     tools = TaskServer(settings)
     turns = TurnService(db, settings, model_factory or (lambda: make_model(settings)), tools)
     app.state.settings = settings

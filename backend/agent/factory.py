@@ -8,6 +8,7 @@ act for travels with each turn (see mcp_client).
 from __future__ import annotations
 
 import logging
+from functools import cache
 from typing import Any
 
 from agents import Agent, Model, ModelSettings, RunConfig, Runner, retry_policies
@@ -50,6 +51,7 @@ def make_model(settings: Settings) -> Model:
     )
 
 
+@cache  # once per process: Logger.setLevel clears every logger's level cache, per turn it showed in profiles
 def _quiet_litellm() -> None:
     """LiteLLM prints a help banner per error and logs provider bodies (which may echo a key or the
     user's text); the turn's own one-line warning says what failed (see agent/failures.describe)."""
