@@ -63,10 +63,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await warm_up(settings)
         # The first connection runs SQLAlchemy's dialect set-up (several queries): here, not in a turn.
-        # Neither this nor the tool list is required: a database or MCP server that is not up yet is
-        # reached on the first request instead.
+        # Not required: a database that is not up yet is reached on the first request instead.
         await db.ping(within=2.0)
-        await tools.prefetch_tools(within=2.0)
         await warm_routes(app)
         yield
         await app.state.http.aclose()

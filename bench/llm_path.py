@@ -144,6 +144,10 @@ def stub(port: int) -> Iterator[None]:
     proc = subprocess.Popen(args)  # noqa: S603
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        # A hosted model is never cold: keep the stub's own first requests out of "first turn after start".
+        for stream in (False, True):
+            body = {"model": "bench", "messages": [{"role": "user", "content": "hello"}], "stream": stream}
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30).raise_for_status()
         yield
     finally:
         proc.terminate()

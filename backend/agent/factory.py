@@ -126,6 +126,8 @@ async def warm_up(settings: Settings) -> None:
     warm = ModelSettings()
     if settings.model_name != OFFLINE_MODEL:
         _warm_openai_types()
+        # Imported by LiteLLM's provider timing on the first real request (mock responses skip it).
+        import litellm._service_logger  # noqa: F401
 
         model = make_model(settings)
         warm = ModelSettings(include_usage=True, extra_args={"mock_response": "warm"})

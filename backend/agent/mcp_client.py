@@ -130,20 +130,6 @@ class TaskServer(MCPServer):
                     self._tools = await self._request(self._list)
         return list(self._tools)
 
-    async def prefetch_tools(self, within: float) -> bool:
-        """List the tools now (at start-up), so the first turn does not; False if the server is not up yet."""
-        try:
-            async with asyncio.timeout(within):
-                self._tools = await self._list_quietly()
-        except Exception:  # not up yet (it may start after us): the first turn lists them
-            log.debug("MCP server not reachable at start-up; tools are listed on the first turn")
-            return False
-        return True
-
-    async def _list_quietly(self) -> list[mcp_types.Tool]:
-        async with self._session() as session:
-            return await self._list(session)
-
     @property
     def cached_tools(self) -> list[mcp_types.Tool] | None:
         return self._tools
