@@ -385,7 +385,6 @@ async def test_attachments_are_refused_before_anything_is_stored(http: httpx.Asy
 @pytest.mark.parametrize(
     "body",
     [
-        "not json",
         {"type": "threads.explode", "params": {}},
         {"type": "threads.create", "params": {}},
         create(""),
@@ -399,6 +398,13 @@ async def test_invalid_requests_are_422(http: httpx.AsyncClient, engine: Engine,
     response = await http.post("/chatkit", content=content, headers={**ALICE, "content-type": "application/json"})
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
+    assert count(engine, "conversation") == 0
+
+
+async def test_a_body_that_is_not_json_is_400(http: httpx.AsyncClient, engine: Engine) -> None:
+    response = await http.post("/chatkit", content="not json", headers={**ALICE, "content-type": "application/json"})
+    assert (response.status_code, response.json()["code"]) == (400, "bad_request")
+    assert response.json()["detail"][0]["type"] == "json_invalid"
     assert count(engine, "conversation") == 0
 
 
