@@ -59,7 +59,7 @@ def extra_schemas() -> dict[str, Any]:
         text = text.replace(f'"{REF.format(model=name)}"', f'"{REF.format(model="ThreadItemPage")}"')
         text = text.replace(f'"{name}"', '"ThreadItemPage"')
     renamed: dict[str, Any] = json.loads(text)
-    _require_discriminators(renamed)
+    _tidy(renamed)
     return renamed
 
 
@@ -75,14 +75,19 @@ def _errors_are_json(document: dict[str, Any]) -> None:
                     response["content"] = {"application/json": {"schema": {"$ref": error_ref}}}
 
 
-def _require_discriminators(schemas: dict[str, Any]) -> None:
-    """A discriminated union cannot pick a member without its tag, even where the member's own tag
-    field has a default: say so, or the member schemas overlap (and linters rightly complain)."""
+def _tidy(schemas: dict[str, Any]) -> None:
+    """Say what pydantic leaves implicit, so linters and generators read the schemas right.
 
+    A discriminated union cannot pick a member without its tag, even where the member's own tag
+    field has a default: mark it required, or the members overlap. And `Any | None` is any value:
+    drop its `anyOf: [{}, {"type": "null"}]`, whose empty branch already matches everything.
+    """
     tags: list[tuple[str, str]] = []
 
     def visit(node: Any) -> None:
         if isinstance(node, dict):
+            if {} in node.get("anyOf", []):
+                del node["anyOf"]
             discriminator = node.get("discriminator")
             if isinstance(discriminator, dict) and {"propertyName", "mapping"} <= discriminator.keys():
                 tag = discriminator["propertyName"]
