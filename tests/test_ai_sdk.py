@@ -127,7 +127,9 @@ def test_ai_sdk_chat(api: str, ai_sdk: Path) -> None:
 
 
 def test_stream_shape_headers_and_heartbeats(api: str) -> None:
-    response, lines = post_ui(api, {"id": "wire", "messages": [ui_message("add read a book")], "trigger": "submit-message"})
+    response, lines = post_ui(
+        api, {"id": "wire", "messages": [ui_message("add read a book")], "trigger": "submit-message"}
+    )
     assert response.status_code == 200
     assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
     assert response.headers["content-type"].startswith("text/event-stream")
