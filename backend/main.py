@@ -79,7 +79,11 @@ def create_app(
     app.state.chatkit = TaskChatKitServer(ConversationStore(db, turns), turns)
 
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/api/chat/ui": settings.max_ui_body_bytes},
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

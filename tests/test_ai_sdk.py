@@ -190,6 +190,27 @@ def test_the_same_chat_id_is_another_conversation_for_another_user(api: str) -> 
     assert parts(mine)[0]["messageMetadata"]["conversationId"] != parts(theirs)[0]["messageMetadata"]["conversationId"]
 
 
+def test_a_long_chat_fits_where_a_chat_message_would_not(api: str) -> None:
+    """The transport resends the whole chat each time: /api/chat/ui has its own, larger body limit
+    (MAX_UI_BODY_BYTES); only the newest message is read. The other routes keep MAX_BODY_BYTES."""
+    earlier = [
+        ui_message("x" * 7_000)
+        if i % 2 == 0
+        else {"id": f"a{i}", "role": "assistant", "parts": [{"type": "text", "text": "y" * 7_000}]}
+        for i in range(29)
+    ]
+    body = {"id": "long-chat", "messages": [*earlier, ui_message("hello")]}
+    assert len(json.dumps(body)) > 200_000
+    response, lines = post_ui(api, body)
+    assert response.status_code == 200 and parts(lines)[-1]["type"] == "finish"
+    stored = conversation(api, parts(lines)[0]["messageMetadata"]["conversationId"])["messages"]
+    assert [m["content"] for m in stored if m["role"] == "user"] == ["hello"]
+    too_big = httpx.post(f"{api}/api/chat", json={"message": "hello", "padding": "x" * 200_000}, headers=ALICE)
+    assert (too_big.status_code, too_big.json()["code"]) == (413, "payload_too_large")
+    way_too_big = httpx.post(f"{api}/api/chat/ui", content=b"x" * 1_100_000, headers=ALICE)
+    assert (way_too_big.status_code, way_too_big.json()["code"]) == (413, "payload_too_large")
+
+
 def test_refusals_before_the_stream(api: str) -> None:
     history = [ui_message("add x"), {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "ok"}]}]
     cases: list[tuple[dict[str, Any], int, str]] = [
