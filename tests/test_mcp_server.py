@@ -834,6 +834,7 @@ def test_old_tool_call_records_are_purged(server: Running, engine: Engine) -> No
                 "('new', 'alice', 'add_task', '{}', now())"
             )
         )
-    assert purge_tool_calls(engine, timedelta(days=2)) == 1
+    with Session(engine) as session, session.begin():
+        assert purge_tool_calls(session, timedelta(days=2)) == 1
     with engine.connect() as conn:
         assert [row[0] for row in conn.execute(text("SELECT key FROM tool_call"))] == ["new"]
