@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 64_000
+    # `/api/chat/ui` only: the AI SDK's transport sends the whole chat every time (only the newest
+    # message is read), so a long chat needs more room than one message does.
+    max_ui_body_bytes: int = 1_000_000
     turn_lease_seconds: float = 30.0
     sse_heartbeat_seconds: float = 10.0
     # A stream whose client stops reading is ended (stored as aborted) after this long without progress.

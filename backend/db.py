@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 import anyio.to_thread
@@ -26,6 +25,7 @@ from backend.failures import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+W = TypeVar("W", Connection, Session)
 
 # Errors that say "the database cannot serve this now" rather than "this request is wrong".
 _UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
@@ -74,9 +74,16 @@ class Database:
         Raises `DatabaseUnavailable` when the database cannot be reached, fails operationally, or
         does not answer within the bound; any other error of `work` propagates unchanged.
         """
+        return await self._bounded(self._transaction, work, within)
+
+    async def run_orm(self, work: Callable[[Session], T], *, within: float | None = None) -> T:
+        """`run` for ORM code (the MCP server's tools): `work(session)` in one committed transaction."""
+        return await self._bounded(self._orm_transaction, work, within)
+
+    async def _bounded(self, unit: Callable[[Callable[[W], T]], T], work: Callable[[W], T], within: float | None) -> T:
         try:
             async with asyncio.timeout(within or self.timeout):
-                return await anyio.to_thread.run_sync(self._transaction, work, abandon_on_cancel=True)
+                return await anyio.to_thread.run_sync(unit, work, abandon_on_cancel=True)
         except TimeoutError:
             log.warning("database did not answer within %.1f s", within or self.timeout)
             raise DatabaseUnavailable() from None
@@ -93,30 +100,13 @@ class Database:
         with self.engine.begin() as connection:
             return work(connection)
 
+    def _orm_transaction(self, work: Callable[[Session], T]) -> T:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            return work(session)
+
     async def ping(self, within: float) -> bool:
         try:
             await self.run(lambda connection: connection.execute(text("SELECT 1")), within=within)
         except DatabaseUnavailable:
             return False
         return True
-
-
-@contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """One ORM unit of work for sync code (the MCP server's tools): commit on success, else roll back."""
-    with Session(engine, expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-
-
-def ping(engine: Engine) -> bool:
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False

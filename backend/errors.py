@@ -227,19 +227,22 @@ class LastResortMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over `max_bytes`, whether announced by Content-Length or streamed."""
+    """413 for request bodies over `max_bytes` (or a path's own limit in `per_path`), whether announced
+    by Content-Length or streamed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(send, limit)
             return
         seen = 0
         started = False
@@ -249,8 +252,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge(413, f"Request body larger than {self.max_bytes} bytes")
+                if seen > limit:
+                    raise _TooLarge(413, f"Request body larger than {limit} bytes")
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -262,11 +265,11 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, limit)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, limit: int) -> None:
         response = JSONResponse(
-            {"detail": f"Request body larger than {self.max_bytes} bytes", "code": "payload_too_large"},
+            {"detail": f"Request body larger than {limit} bytes", "code": "payload_too_large"},
             status_code=413,
         )
         await response({"type": "http"}, _empty_receive, send)

@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from backend import __version__
 from backend.agent.factory import make_model, warm_up
 from backend.agent.mcp_client import TaskServer
-from backend.api import chat, chatkit, conversations, health, openapi
+from backend.api import chat, chat_ui, chatkit, conversations, health, openapi
 from backend.auth import TokenVerifier
 from backend.config import Settings
 from backend.db import Database, make_engine
@@ -79,7 +79,11 @@ def create_app(
     app.state.chatkit = TaskChatKitServer(ConversationStore(db, turns), turns)
 
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/api/chat/ui": settings.max_ui_body_bytes},
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -92,6 +96,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(conversations.router)
     app.include_router(chat.router)
+    app.include_router(chat_ui.router)
     app.include_router(chatkit.router)
     openapi.install(app)
     return app

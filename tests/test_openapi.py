@@ -6,7 +6,6 @@ about errors and events, checked against what the server emits.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -26,8 +25,7 @@ from backend.errors import ErrorBody, service_error_response
 from backend.main import create_app
 from backend.services.turn_events import Token, ToolCalled, ToolReturned, TurnCompleted, TurnError, TurnStarted
 from tests.conftest import make_settings
-
-JS = Path(__file__).parent / "js" / "openapi"
+from tests.support.node import npm_project
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +41,7 @@ def document(app: FastAPI) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tools() -> Path:
-    """tests/js/openapi with its locked npm packages installed (`npm ci` once; kept between runs)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed to run redocly, openapi-typescript and tsc")
-    lock = json.loads((JS / "package-lock.json").read_text())
-    with open(JS / "package.json") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # one install at a time, should two test runs start together
-        for name in ("@redocly/cli", "openapi-typescript", "typescript"):
-            installed = JS / "node_modules" / name / "package.json"
-            wanted = lock["packages"][f"node_modules/{name}"]["version"]
-            if not installed.exists() or json.loads(installed.read_text())["version"] != wanted:
-                subprocess.run(
-                    ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                    cwd=JS,
-                    check=True,
-                    timeout=600,
-                    capture_output=True,
-                )
-                break
-    return JS
+    return npm_project("openapi")
 
 
 # No network from the tools: Redocly would send usage telemetry and look for a newer version.
