@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,14 +55,18 @@ class ApiError(Exception):
 
 
 class ErrorBody(BaseModel):
-    """Every error answer: FastAPI's `detail` plus a machine-readable `code`."""
+    """Every error answer: FastAPI's `detail` plus a machine-readable `code` (what this module emits)."""
 
-    detail: str | list[dict[str, Any]]
-    code: str
-    retryable: bool | None = None
+    detail: str | list[dict[str, Any]] = Field(
+        description="A message, or for 400/422 a list of `{loc, msg, type}` naming each bad value"
+    )
+    code: str = Field(description="Machine-readable kind of failure, e.g. `not_found`, `validation_error`")
+    retryable: bool | None = Field(
+        None, description="Whether the same request may succeed later (busy, limits, dependencies, turn failures)"
+    )
     # A failed turn: its stored reply, so a client can retry it (same idempotency key) or show it.
-    conversation_id: str | None = None
-    message_id: str | None = None
+    conversation_id: str | None = Field(None, description="A failed turn's conversation")
+    message_id: str | None = Field(None, description="A failed turn's stored (error) reply")
 
 
 # Each kind of failure, once: its HTTP status.
@@ -111,17 +115,19 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
-# What every authenticated route can answer besides its own errors.
-AUTH_ERRORS = (400, 401, 413, 422)
+# What every authenticated route can answer besides its own errors (503: the identity provider's
+# keys or the database; 500: the last resort, still an ErrorBody).
+AUTH_ERRORS = (400, 401, 413, 422, 500, 503)
 
 _DESCRIPTIONS = {
-    400: "Malformed request body",
+    400: "The body is not JSON (`bad_request`, `detail` says where), or a request this server does not offer",
     401: "Missing or invalid bearer token (with `WWW-Authenticate: Bearer`)",
     404: "No such conversation for this user",
     409: "A turn is already running on this conversation (or a retried message was already followed by newer ones)",
     413: "Request body too large",
     422: "Invalid input; `detail` lists the problems",
     429: "A per-user limit was reached (`Retry-After` says when to try again)",
+    500: "An unexpected failure (`internal_error`), logged on the server; never a stack trace",
     502: "The model or its provider failed",
     503: "A dependency (the database, the MCP server, the identity provider's keys) is unavailable; `Retry-After`",
     504: "The model timed out",
@@ -171,9 +177,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # Drop the echoed input: it can be large and is the client's own data anyway.
-        errors = [{k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in exc.errors()]
-        return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
+        return validation_response(exc)
+
+
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    """400 `bad_request` for a body that is not JSON at all; 422 `validation_error` for JSON that
+    does not fit. A client can fix the second by changing values, the first only by fixing its code."""
+    # Drop the echoed input: it can be large and is the client's own data anyway.
+    errors = [{k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in exc.errors()]
+    if isinstance(exc.body, bytes):  # FastAPI left the body undecoded: it was not sent as JSON
+        errors = [{"loc": ["body"], "msg": "The body must be JSON (Content-Type: application/json)", "type": NOT_JSON}]
+    if any(err.get("type") == NOT_JSON for err in errors):
+        return JSONResponse({"detail": errors, "code": "bad_request"}, status_code=400)
+    return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
+
+
+# The error type FastAPI and pydantic give an unparseable body.
+NOT_JSON = "json_invalid"
 
 
 class LastResortMiddleware:

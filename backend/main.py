@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from backend import __version__
 from backend.agent.factory import make_model, warm_up
 from backend.agent.mcp_client import TaskServer
-from backend.api import chat, chat_ui, chatkit, conversations, health
+from backend.api import chat, chat_ui, chatkit, conversations, health, openapi
 from backend.auth import TokenVerifier
 from backend.config import Settings
 from backend.db import Database, make_engine
@@ -98,4 +98,5 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(chat_ui.router)
     app.include_router(chatkit.router)
+    openapi.install(app)
     return app

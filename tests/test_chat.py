@@ -397,6 +397,23 @@ async def test_bad_input_is_422(http: httpx.AsyncClient, body: dict[str, Any], e
         assert conn.execute(text("SELECT count(*) FROM message")).scalar() == 0
 
 
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [("not json", "application/json"), ('{"message": "hi"', "application/json"), ('{"message": "hi"}', "text/plain")],
+)
+async def test_a_body_that_is_not_json_is_400(
+    http: httpx.AsyncClient, engine: Engine, content: str, content_type: str
+) -> None:
+    """400 when the body cannot be read as JSON at all; 422 (above) when JSON values do not fit."""
+    response = await http.post("/api/chat", content=content, headers={**ALICE, "content-type": content_type})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "bad_request"
+    assert [(e["loc"][0], e["type"]) for e in body["detail"]] == [("body", "json_invalid")]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM message")).scalar() == 0
+
+
 async def test_chat_requires_a_token(http: httpx.AsyncClient) -> None:
     response = await http.post("/api/chat", json={"message": "hi"})
     assert response.status_code == 401
