@@ -269,6 +269,14 @@ def test_a_turn_is_followed_from_the_api_log_to_the_mcp_log(stack: dict[str, Any
     assert "secret plants" not in everything  # message text (and the task title) is not logged at INFO
 
 
+def test_a_head_refused_before_the_app_carries_a_request_id(stack: dict[str, Any]) -> None:
+    """431 is answered by the HTTP protocol, before the app (and its middleware) runs."""
+    headers = {f"X-Filler-{n}": "x" for n in range(150)} | {"X-Request-ID": "big-head-1"}
+    response = httpx.get(f"{stack['api']}/health", headers=headers)
+    assert response.status_code == 431 and response.json()["code"] == "headers_too_large"
+    assert response.json()["request_id"] == response.headers["x-request-id"] == "big-head-1"
+
+
 def test_serve_sums_metrics_across_workers(pg_admin_url: str, template_db: str, tmp_path: Path) -> None:
     name = db.clone(pg_admin_url, template_db)
     port = free_port()
