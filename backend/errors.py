@@ -1,5 +1,5 @@
-"""HTTP rendering of failures: FastAPI's `{"detail": ...}` plus a machine-readable `code`, never a
-stack trace.
+"""HTTP rendering of failures: FastAPI's `{"detail": ...}` plus a machine-readable `code` and the
+request's `request_id` (its X-Request-ID), never a stack trace.
 
 Services raise `ServiceError`s (backend/failures.py); this module maps each kind once to its status
 and headers (`Retry-After` for limits and unavailable dependencies, `WWW-Authenticate` for 401).
