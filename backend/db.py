@@ -19,6 +19,7 @@ import anyio.to_thread
 from sqlalchemy import Connection, Engine, create_engine, exc, text
 from sqlmodel import Session
 
+from backend import metrics
 from backend.config import Settings
 from backend.failures import DatabaseUnavailable
 
@@ -33,7 +34,7 @@ _UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
 
 def make_engine(settings: Settings) -> Engine:
     timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
-    return create_engine(
+    engine = create_engine(
         settings.require_database_url(),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
@@ -55,6 +56,8 @@ def make_engine(settings: Settings) -> Engine:
             "keepalives_count": 3,
         },
     )
+    metrics.track_pool(engine)
+    return engine
 
 
 def is_unavailable(error: BaseException) -> bool:

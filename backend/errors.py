@@ -1,5 +1,5 @@
-"""HTTP rendering of failures: FastAPI's `{"detail": ...}` plus a machine-readable `code`, never a
-stack trace.
+"""HTTP rendering of failures: FastAPI's `{"detail": ...}` plus a machine-readable `code` and the
+request's `request_id` (its X-Request-ID), never a stack trace.
 
 Services raise `ServiceError`s (backend/failures.py); this module maps each kind once to its status
 and headers (`Retry-After` for limits and unavailable dependencies, `WWW-Authenticate` for 401).
@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import failures
 from backend.failures import ServiceError
+from backend.request_context import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class ApiError(Exception):
         body: dict[str, Any] = {"detail": self.detail, "code": self.code}
         if self.retryable is not None:
             body["retryable"] = self.retryable
-        return {**body, **self.extra}
+        return with_request_id({**body, **self.extra})
 
 
 class ErrorBody(BaseModel):
@@ -67,6 +68,15 @@ class ErrorBody(BaseModel):
     # A failed turn: its stored reply, so a client can retry it (same idempotency key) or show it.
     conversation_id: str | None = Field(None, description="A failed turn's conversation")
     message_id: str | None = Field(None, description="A failed turn's stored (error) reply")
+    request_id: str | None = Field(
+        None, description="The request's `X-Request-ID`: quote it when reporting a problem (it is on every log line)"
+    )
+
+
+def with_request_id(body: dict[str, Any]) -> dict[str, Any]:
+    """An error body with the current request's id (set by RequestIdMiddleware)."""
+    request_id = current_request_id()
+    return {**body, "request_id": request_id} if request_id else body
 
 
 # Each kind of failure, once: its HTTP status.
@@ -107,7 +117,7 @@ def service_error_response(error: ServiceError) -> JSONResponse:
         name, quota, window = error.policy
         headers["RateLimit-Policy"] = f'"{name}";q={quota};w={window}'
         headers["RateLimit"] = f'"{name}";r=0;t={headers["Retry-After"]}'
-    return JSONResponse(body, status_code=status_of(error), headers=headers)
+    return JSONResponse(with_request_id(body), status_code=status_of(error), headers=headers)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -173,7 +183,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return JSONResponse({"detail": exc.detail, "code": code}, status_code=exc.status_code, headers=exc.headers)
+        body = with_request_id({"detail": exc.detail, "code": code})
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -188,8 +199,8 @@ def validation_response(exc: RequestValidationError) -> JSONResponse:
     if isinstance(exc.body, bytes):  # FastAPI left the body undecoded: it was not sent as JSON
         errors = [{"loc": ["body"], "msg": "The body must be JSON (Content-Type: application/json)", "type": NOT_JSON}]
     if any(err.get("type") == NOT_JSON for err in errors):
-        return JSONResponse({"detail": errors, "code": "bad_request"}, status_code=400)
-    return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
+        return JSONResponse(with_request_id({"detail": errors, "code": "bad_request"}), status_code=400)
+    return JSONResponse(with_request_id({"detail": errors, "code": "validation_error"}), status_code=422)
 
 
 # The error type FastAPI and pydantic give an unparseable body.
@@ -222,7 +233,8 @@ class LastResortMiddleware:
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
-                response = JSONResponse({"detail": "Internal server error", "code": "internal_error"}, status_code=500)
+                body = with_request_id({"detail": "Internal server error", "code": "internal_error"})
+                response = JSONResponse(body, status_code=500)
                 await response(scope, receive, send)
 
 
@@ -268,10 +280,8 @@ class BodyLimitMiddleware:
                 await self._reject(send, limit)
 
     async def _reject(self, send: Send, limit: int) -> None:
-        response = JSONResponse(
-            {"detail": f"Request body larger than {limit} bytes", "code": "payload_too_large"},
-            status_code=413,
-        )
+        detail = f"Request body larger than {limit} bytes"
+        response = JSONResponse(with_request_id({"detail": detail, "code": "payload_too_large"}), status_code=413)
         await response({"type": "http"}, _empty_receive, send)
 
 

@@ -7,7 +7,6 @@ survives a request.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +24,8 @@ from backend.auth import TokenVerifier
 from backend.config import Settings
 from backend.db import Database, make_engine
 from backend.errors import BodyLimitMiddleware, LastResortMiddleware, install_error_handlers
+from backend.metrics import HttpMetricsMiddleware, metrics_endpoint
+from backend.request_context import RequestIdMiddleware
 from backend.services.chatkit_server import TaskChatKitServer
 from backend.services.chatkit_store import ConversationStore
 from backend.services.turn import TurnService
@@ -35,10 +36,7 @@ def configure_process(settings: Settings) -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     # Without an OpenAI key the SDK's trace exporter would log a warning per run.
     set_tracing_disabled(not settings.tracing_enabled)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per MCP request at INFO would drown the one line per turn.
-    for noisy in ("httpx", "httpx2", "LiteLLM"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Logging is the entry point's (backend/logging_setup.py), not the app's.
 
 
 def create_app(
@@ -90,9 +88,15 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
             max_age=600,
         )
     app.add_middleware(LastResortMiddleware)
+    # Outermost: every answer, the last-resort 500 included, is counted and carries X-Request-ID.
+    app.add_middleware(HttpMetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    if settings.metrics_enabled:
+        app.add_route("/metrics", metrics_endpoint(settings.metrics_token), methods=["GET"], include_in_schema=False)
     app.include_router(health.router)
     app.include_router(conversations.router)
     app.include_router(chat.router)

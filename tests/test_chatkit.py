@@ -36,6 +36,7 @@ from tests.support.chatkit import (
     count,
     create,
     deltas,
+    error_body,
     parse_events,
     post,
     stored,
@@ -328,7 +329,7 @@ async def test_another_users_thread_answers_like_a_missing_one(http: httpx.Async
     before = stored(engine, tid)
     for missing in (str(uuid.uuid4()), "thr_not_a_uuid"):
         response = await post(http, {"type": "threads.get_by_id", "params": {"thread_id": missing}})
-        assert (response.status_code, response.json()) == (404, NOT_FOUND)
+        assert (response.status_code, error_body(response)) == (404, NOT_FOUND)
 
     requests = [
         {"type": "threads.get_by_id", "params": {"thread_id": tid}},
@@ -340,7 +341,7 @@ async def test_another_users_thread_answers_like_a_missing_one(http: httpx.Async
     ]
     for body in requests:
         response = await post(http, body, BOB)
-        assert (response.status_code, response.json()) == (404, NOT_FOUND), body["type"]
+        assert (response.status_code, error_body(response)) == (404, NOT_FOUND), body["type"]
     assert (await call(http, "threads.list", BOB))["data"] == []
     assert stored(engine, tid) == before
     assert (await call(http, "threads.get_by_id", thread_id=tid))["title"] == "hello"
@@ -409,7 +410,7 @@ async def test_delete(http: httpx.AsyncClient, engine: Engine) -> None:
     tid = thread_id_of(await stream(http, create("hello")))
     assert await call(http, "threads.delete", thread_id=tid) == {}
     response = await post(http, {"type": "threads.get_by_id", "params": {"thread_id": tid}})
-    assert (response.status_code, response.json()) == (404, NOT_FOUND)
+    assert (response.status_code, error_body(response)) == (404, NOT_FOUND)
     assert (await http.get(f"/api/conversations/{tid}", headers=ALICE)).status_code == 404
     assert stored(engine, tid) == []
 

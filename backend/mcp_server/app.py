@@ -1,4 +1,4 @@
-"""The MCP server's ASGI app: streamable HTTP at MCP_URL's path, plus /health and /health/ready."""
+"""The MCP server's ASGI app: streamable HTTP at MCP_URL's path, plus /health, /health/ready and /metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
@@ -24,6 +25,8 @@ from backend.delegation import SCOPE
 from backend.mcp_server.auth import DelegationTokenVerifier
 from backend.mcp_server.task_store import purge_tool_calls
 from backend.mcp_server.tools import task_tools
+from backend.metrics import HttpMetricsMiddleware, metrics_endpoint
+from backend.request_context import RequestIdMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +116,12 @@ def create_mcp_app(settings: Settings) -> Starlette:
         finally:
             db.engine.dispose()
 
+    routes = [Route("/health", health, methods=["GET"]), Route("/health/ready", ready, methods=["GET"])]
+    if settings.metrics_enabled:
+        routes.append(Route("/metrics", metrics_endpoint(settings.metrics_token), methods=["GET"]))
     return Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/health/ready", ready, methods=["GET"]),
-            Mount("/", app=mcp_app),
-        ],
+        routes=[*routes, Mount("/", app=mcp_app)],
+        # The API's X-Request-ID arrives with each tool call: the tools' log lines carry it.
+        middleware=[Middleware(RequestIdMiddleware), Middleware(HttpMetricsMiddleware)],
         lifespan=lifespan,
     )

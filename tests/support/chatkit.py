@@ -14,6 +14,13 @@ ALICE, BOB = auth("alice"), auth("bob")
 NOT_FOUND = {"detail": "Conversation not found", "code": "not_found"}
 
 
+def error_body(response: httpx.Response) -> dict[str, Any]:
+    """An error body without its `request_id` (checked: the response's X-Request-ID), for comparing."""
+    body: dict[str, Any] = response.json()
+    assert body.pop("request_id") == response.headers["x-request-id"]
+    return body
+
+
 def user_input(message: str, attachments: list[str] | None = None) -> dict[str, Any]:
     return {
         "content": [{"type": "input_text", "text": message}],
