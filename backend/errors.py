@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import failures
+from backend.asgi import HttpMiddleware, WatchedSend
 from backend.failures import ServiceError
 from backend.request_context import current_request_id
 
@@ -207,57 +208,42 @@ def validation_response(exc: RequestValidationError) -> JSONResponse:
 NOT_JSON = "json_invalid"
 
 
-class LastResortMiddleware:
+class LastResortMiddleware(HttpMiddleware):
     """A JSON 500 for anything no handler took, logged once, without re-raising.
 
     Starlette's own 500 handler re-raises so the server logs a second traceback and drops the
     connection without `Connection: close`, which costs a keep-alive client its next request.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watched = WatchedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, watched)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if not started:
+            if not watched.started:
                 body = with_request_id({"detail": "Internal server error", "code": "internal_error"})
                 response = JSONResponse(body, status_code=500)
                 await response(scope, receive, send)
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HttpMiddleware):
     """413 for request bodies over `max_bytes` (or a path's own limit in `per_path`), whether announced
     by Content-Length or streamed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
         self.per_path = per_path or {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.per_path.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._reject(send, limit)
             return
         seen = 0
-        started = False
+        watched = WatchedSend(send)
 
         async def counting_receive() -> Message:
             nonlocal seen
@@ -268,15 +254,10 @@ class BodyLimitMiddleware:
                     raise _TooLarge(413, f"Request body larger than {limit} bytes")
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, watched)
         except _TooLarge:
-            if not started:
+            if not watched.started:
                 await self._reject(send, limit)
 
     async def _reject(self, send: Send, limit: int) -> None:

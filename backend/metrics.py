@@ -31,8 +31,9 @@ from prometheus_client import (
 from sqlalchemy import Engine, event
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from backend.asgi import HttpMiddleware, WatchedSend
 from backend.errors import BEARER, status_of, with_request_id
 from backend.failures import ServiceError
 
@@ -130,29 +131,18 @@ def route_label(scope: Scope) -> str:
     return path if isinstance(path, str) and path else UNMATCHED
 
 
-class HttpMetricsMiddleware:
+class HttpMetricsMiddleware(HttpMiddleware):
     """Requests by method, route template and status, and their duration (pure ASGI: streams stream)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watched = WatchedSend(send)
         status = 0
         started = time.perf_counter()
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, watched)
+            status = watched.status or 0
         except BaseException:
-            status = status or 500
+            status = watched.status or 500
             raise
         finally:
             method = scope["method"] if scope["method"] in _METHODS else "other"

@@ -13,7 +13,9 @@ import re
 import uuid
 from contextvars import ContextVar
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from backend.asgi import HttpMiddleware
 
 HEADER = "X-Request-ID"
 _HEADER_KEY = b"x-request-id"
@@ -43,16 +45,10 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     return new_request_id()
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Every HTTP response gets `X-Request-ID`; the request's code sees it in `REQUEST_ID`."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = request_id_from(scope["headers"])
         raw = request_id.encode()
 
