@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 
 from backend.config import Settings
 from backend.mcp_server.app import create_mcp_app
+from tests.support import seed
 from tests.support.servers import wait_http
 from tests.support.stack import api_client, with_free_mcp_port
 from tests.support.tokens import auth
@@ -37,15 +38,7 @@ async def http(stack_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def messages(engine: Engine, conversation_id: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT role, content, status, error_code, client_message_id FROM message"
-                " WHERE conversation_id = :c ORDER BY seq"
-            ),
-            {"c": conversation_id},
-        )
-        return [dict(row._mapping) for row in rows]
+    return seed.stored_messages(engine, conversation_id, "role, content, status, error_code, client_message_id")
 
 
 def tasks(engine: Engine, user_id: str) -> list[dict[str, Any]]:

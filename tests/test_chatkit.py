@@ -169,7 +169,7 @@ async def test_tool_calls_are_thread_items_live_and_on_reload(http: httpx.AsyncC
     assert (response.status_code, response.json()["code"]) == (400, "invalid_request")
     for body in ({"type": "items.list", "params": {"thread_id": tid}}, {**retry}):
         response = await post(http, body, BOB)
-        assert (response.status_code, response.json()) == (404, NOT_FOUND), body["type"]
+        assert (response.status_code, error_body(response)) == (404, NOT_FOUND), body["type"]
     assert len(stored(engine, tid)) == 2
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine, text
 
+from tests.support import seed
 from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
@@ -80,15 +81,8 @@ def deltas(events: list[dict[str, Any]]) -> list[str]:
 
 
 def stored(engine: Engine, conversation_id: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT id, role, content, status, error_code, tool_calls FROM message"
-                " WHERE conversation_id = :c ORDER BY seq"
-            ),
-            {"c": conversation_id},
-        )
-        return [{**row._mapping, "id": str(row.id)} for row in rows]
+    rows = seed.stored_messages(engine, conversation_id, "id, role, content, status, error_code, tool_calls")
+    return [{**row, "id": str(row["id"])} for row in rows]
 
 
 def count(engine: Engine, table: str) -> int:
