@@ -73,17 +73,25 @@ def mint_user_token(settings: Settings, user: str, ttl: int) -> str:
 
 
 def _serve_api(settings: Settings, workers: int | None) -> None:
-    from backend.server import api_config, run
+    from backend.logging_setup import configure_logging
+    from backend.server import api_config, metrics_dir, run
 
     settings.validate_for_api()  # in this process, so a bad setting is one line, not a traceback per worker
-    run(api_config(settings, workers))
+    configure_logging(settings)
+    config = api_config(settings, workers)
+    with metrics_dir(config.workers):
+        run(config)
 
 
 def _serve_mcp(settings: Settings) -> None:
+    # One process: its metrics stay in memory, never in a directory an API's workers may share.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    from backend.logging_setup import configure_logging
     from backend.mcp_server.app import create_mcp_app
     from backend.server import mcp_config, run
 
     settings.validate_for_mcp()
+    configure_logging(settings)  # before the MCP SDK's own basicConfig, which then leaves it alone
     run(mcp_config(settings, create_mcp_app(settings)))
 
 

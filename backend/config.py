@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     app_env: Literal["dev", "production"] = "production"
     data_dir: Path = Path(".data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    # GET /metrics on the API and the MCP server; with a token, only for `Authorization: Bearer <token>`.
+    metrics_enabled: bool = True
+    metrics_token: str | None = None
 
     database_url: str | None = None
     db_pool_size: int = 10
@@ -95,6 +99,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 64_000
+    # `/api/chat/ui` only: the AI SDK's transport sends the whole chat every time (only the newest
+    # message is read), so a long chat needs more room than one message does.
+    max_ui_body_bytes: int = 1_000_000
     turn_lease_seconds: float = 30.0
     sse_heartbeat_seconds: float = 10.0
     # A stream whose client stops reading is ended (stored as aborted) after this long without progress.
@@ -128,6 +135,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_log_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("auth_algorithms", "mcp_allowed_hosts", "cors_origins", mode="before")
     @classmethod
@@ -261,7 +273,14 @@ def _check_database_url(url: str) -> None:
 
 
 # Values never repeated in an error message.
-_SECRET_FIELDS = {"database_url", "auth_secret", "mcp_token_secret", "gemini_api_key", "model_api_key"}
+_SECRET_FIELDS = {
+    "database_url",
+    "auth_secret",
+    "mcp_token_secret",
+    "gemini_api_key",
+    "model_api_key",
+    "metrics_token",
+}
 
 
 def describe_validation_error(exc: ValidationError) -> str:

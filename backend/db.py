@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 import anyio.to_thread
 from sqlalchemy import Connection, Engine, create_engine, exc, text
 from sqlmodel import Session
 
+from backend import metrics
 from backend.config import Settings
 from backend.failures import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+W = TypeVar("W", Connection, Session)
 
 # Errors that say "the database cannot serve this now" rather than "this request is wrong".
 _UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
@@ -33,7 +34,7 @@ _UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
 
 def make_engine(settings: Settings) -> Engine:
     timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
-    return create_engine(
+    engine = create_engine(
         settings.require_database_url(),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
@@ -55,6 +56,8 @@ def make_engine(settings: Settings) -> Engine:
             "keepalives_count": 3,
         },
     )
+    metrics.track_pool(engine)
+    return engine
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -78,11 +81,18 @@ class Database:
         Raises `DatabaseUnavailable` when the database cannot be reached, fails operationally, or
         does not answer within the bound; any other error of `work` propagates unchanged.
         """
+        return await self._bounded(self._transaction, work, within)
+
+    async def run_orm(self, work: Callable[[Session], T], *, within: float | None = None) -> T:
+        """`run` for ORM code (the MCP server's tools): `work(session)` in one committed transaction."""
+        return await self._bounded(self._orm_transaction, work, within)
+
+    async def _bounded(self, unit: Callable[[Callable[[W], T]], T], work: Callable[[W], T], within: float | None) -> T:
         try:
             if self._slots is None:
-                return await self._run(work, within)
+                return await self._run(unit, work, within)
             async with self._slots:
-                return await self._run(work, within)
+                return await self._run(unit, work, within)
         except TimeoutError:
             log.warning("database did not answer within %.1f s", within or self.timeout)
             raise DatabaseUnavailable() from None
@@ -95,13 +105,17 @@ class Database:
             log.warning("database pool exhausted: no free connection in time")
             raise DatabaseUnavailable() from None
 
-    async def _run(self, work: Callable[[Connection], T], within: float | None) -> T:
+    async def _run(self, unit: Callable[[Callable[[W], T]], T], work: Callable[[W], T], within: float | None) -> T:
         async with asyncio.timeout(within or self.timeout):
-            return await anyio.to_thread.run_sync(self._transaction, work, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(unit, work, abandon_on_cancel=True)
 
     def _transaction(self, work: Callable[[Connection], T]) -> T:
         with self.engine.begin() as connection:
             return work(connection)
+
+    def _orm_transaction(self, work: Callable[[Session], T]) -> T:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            return work(session)
 
     async def ping(self, within: float) -> bool:
         try:
@@ -109,24 +123,3 @@ class Database:
         except DatabaseUnavailable:
             return False
         return True
-
-
-@contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """One ORM unit of work for sync code (the MCP server's tools): commit on success, else roll back."""
-    with Session(engine, expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-
-
-def ping(engine: Engine) -> bool:
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False

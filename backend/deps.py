@@ -37,7 +37,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_db)]
 TurnsDep = Annotated[TurnService, Depends(get_turns)]
 
-_bearer = HTTPBearer(auto_error=False)
+_bearer = HTTPBearer(
+    auto_error=False, bearerFormat="JWT", description="A JWT from the identity provider; its `sub` is the user"
+)
 
 
 async def get_current_user(

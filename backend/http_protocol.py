@@ -20,6 +20,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from backend.request_context import new_request_id, request_id_from
+
 
 @dataclass(frozen=True)
 class HeaderLimits:
@@ -28,24 +30,35 @@ class HeaderLimits:
     timeout_seconds: float = 10.0
 
 
-def _json_error(status: int, code: str, detail: str) -> tuple[int, bytes]:
-    return status, json.dumps({"detail": detail, "code": code}, separators=(",", ":")).encode()
+Problem = tuple[int, str, str]  # status, code, detail
+
+
+def _json_error(problem: Problem, request_id: str) -> bytes:
+    _, code, detail = problem
+    body = {"detail": detail, "code": code, "request_id": request_id}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 class _Refusal:
-    """A tiny ASGI app that answers one error and closes the connection (runs instead of the real app)."""
+    """A tiny ASGI app that answers one error and closes the connection (runs instead of the real app).
 
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status, self.body = status, body
+    The app's RequestIdMiddleware never runs for it, so it takes or makes the request id itself."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        http_scope: Any = scope  # always an HTTP scope here
+        request_id = request_id_from(list(http_scope["headers"]))
+        body = _json_error(self.problem, request_id)
         headers = [
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(self.body)).encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
             (b"connection", b"close"),
         ]
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        await send({"type": "http.response.start", "status": self.problem[0], "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -83,7 +96,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         # Still inside the head after this read: httptools holds all of it, so stop here.
         if self.in_head and self.head_bytes > self.limits.max_bytes and not self.transport.is_closing():
-            self._refuse_head(*self._too_large())
+            self._refuse_head(self._too_large())
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -93,7 +106,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             return
         # Answer through the normal request cycle, with a refusal in place of the app.
-        app, self.app = self.app, _Refusal(*problem)
+        app, self.app = self.app, _Refusal(problem)
         try:
             super().on_headers_complete()
         finally:
@@ -105,16 +118,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self.in_head, self.head_bytes = True, 0  # what follows is the next request's head
 
-    def _head_problem(self) -> tuple[int, bytes] | None:
+    def _head_problem(self) -> Problem | None:
         if len(self.headers) > self.limits.max_count:
-            return _json_error(431, "headers_too_large", f"Too many request headers (at most {self.limits.max_count})")
+            return 431, "headers_too_large", f"Too many request headers (at most {self.limits.max_count})"
         size = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
         return self._too_large() if size > self.limits.max_bytes else None
 
-    def _too_large(self) -> tuple[int, bytes]:
-        return _json_error(
-            431, "headers_too_large", f"Request headers too large (at most {self.limits.max_bytes} bytes)"
-        )
+    def _too_large(self) -> Problem:
+        return 431, "headers_too_large", f"Request headers too large (at most {self.limits.max_bytes} bytes)"
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -130,23 +141,28 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self.in_head or self.transport.is_closing():
             return
         if self.head_bytes:
-            self._refuse_head(*_json_error(408, "request_timeout", "Request headers not received in time"))
+            self._refuse_head((408, "request_timeout", "Request headers not received in time"))
         else:  # nothing sent: an idle or abandoned connection, not a request to answer
             self.transport.close()
 
-    def _refuse_head(self, status: int, body: bytes) -> None:
-        """Answer a request whose head never completed (no request cycle exists for it) and close."""
+    def _refuse_head(self, problem: Problem) -> None:
+        """Answer a request whose head never completed (no request cycle exists for it) and close.
+
+        Its headers were never parsed, so its request id is a new one."""
         self.in_head = False
         self._cancel_head_timer()
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # an earlier response is still being written: no room for ours
             return
-        head = [STATUS_LINE[status]]
+        request_id = new_request_id()
+        body = _json_error(problem, request_id)
+        head = [STATUS_LINE[problem[0]]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"x-request-id: " + request_id.encode() + b"\r\n",
             b"connection: close\r\n\r\n",
             body,
         ]

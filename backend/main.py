@@ -7,7 +7,6 @@ survives a request.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,11 +19,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from backend import __version__
 from backend.agent.factory import make_model, warm_up
 from backend.agent.mcp_client import TaskServer
-from backend.api import chat, chatkit, conversations, health
+from backend.api import chat, chat_ui, chatkit, conversations, health, openapi
 from backend.auth import TokenVerifier
 from backend.config import Settings
 from backend.db import Database, make_engine
 from backend.errors import BodyLimitMiddleware, LastResortMiddleware, install_error_handlers
+from backend.metrics import HttpMetricsMiddleware, metrics_endpoint
+from backend.request_context import RequestIdMiddleware
 from backend.services.chatkit_server import TaskChatKitServer
 from backend.services.chatkit_store import ConversationStore
 from backend.services.turn import TurnService
@@ -35,10 +36,7 @@ def configure_process(settings: Settings) -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     # Without an OpenAI key the SDK's trace exporter would log a warning per run.
     set_tracing_disabled(not settings.tracing_enabled)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per MCP request at INFO would drown the one line per turn.
-    for noisy in ("httpx", "httpx2", "LiteLLM"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Logging is the entry point's (backend/logging_setup.py), not the app's.
 
 
 async def warm_routes(app: FastAPI) -> None:
@@ -91,18 +89,30 @@ def create_app(
     app.state.chatkit = TaskChatKitServer(ConversationStore(db, turns), turns)
 
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/api/chat/ui": settings.max_ui_body_bytes},
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
             max_age=600,
         )
     app.add_middleware(LastResortMiddleware)
+    # Outermost: every answer, the last-resort 500 included, is counted and carries X-Request-ID.
+    app.add_middleware(HttpMetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    if settings.metrics_enabled:
+        app.add_route("/metrics", metrics_endpoint(settings.metrics_token), methods=["GET"], include_in_schema=False)
     app.include_router(health.router)
     app.include_router(conversations.router)
     app.include_router(chat.router)
+    app.include_router(chat_ui.router)
     app.include_router(chatkit.router)
+    openapi.install(app)
     return app

@@ -8,11 +8,17 @@ the environment through the `api_app` factory, so nothing but the environment cr
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -43,6 +49,8 @@ def _common(settings: Settings) -> dict[str, Any]:
         ),
         "server_header": False,
         "log_level": settings.log_level.lower(),
+        # uvicorn's loggers propagate to the handler backend/logging_setup.py installs (text or JSON).
+        "log_config": None,
         # Longer than any load balancer's idle timeout (nginx, ALB: 60 s), so the server is never the
         # one closing a kept-alive connection just as a request arrives on it (a reset under load).
         "timeout_keep_alive": settings.keep_alive_seconds,
@@ -93,9 +101,43 @@ def run(config: ServerConfig) -> None:
 def api_app() -> ASGIApp:
     """The factory each API worker calls: the app for the settings in the environment."""
     _exit_with_supervisor()
+    from backend import metrics
+    from backend.logging_setup import configure_logging
     from backend.main import create_app
 
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings)
+    atexit.register(metrics.mark_process_dead, os.getpid())
+    return create_app(settings)
+
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def metrics_dir(workers: int) -> Iterator[None]:
+    """Where several API workers keep their metrics, so a scrape of any one sums them all.
+
+    Set before the workers start (they inherit the environment and prometheus-client reads it at
+    import). An operator's own `PROMETHEUS_MULTIPROC_DIR` is used and emptied (values of an earlier
+    run must not be added to this one's); otherwise a temporary directory lives as long as this run.
+    """
+    given = os.environ.get(MULTIPROC_DIR)
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    if workers <= 1:
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="chat-backend-metrics-")
+    os.environ[MULTIPROC_DIR] = path
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROC_DIR, None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _exit_with_supervisor() -> None:

@@ -91,7 +91,7 @@ def _assert_401(response: httpx.Response) -> None:
 
 def _assert_auth_unavailable(response: httpx.Response, max_retry_after: float) -> None:
     assert response.status_code == 503, response.text
-    assert set(response.json()) == {"detail", "code", "retryable"}
+    assert set(response.json()) == {"detail", "code", "retryable", "request_id"}
     assert response.json()["code"] == "auth_unavailable"
     assert response.json()["retryable"] is True
     assert 1 <= int(response.headers["retry-after"]) <= max_retry_after

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 
 from backend.config import Settings
 from backend.mcp_server.app import create_mcp_app
+from tests.support import seed
 from tests.support.servers import wait_http
 from tests.support.stack import api_client, with_free_mcp_port
 from tests.support.tokens import auth
@@ -37,15 +38,7 @@ async def http(stack_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def messages(engine: Engine, conversation_id: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT role, content, status, error_code, client_message_id FROM message"
-                " WHERE conversation_id = :c ORDER BY seq"
-            ),
-            {"c": conversation_id},
-        )
-        return [dict(row._mapping) for row in rows]
+    return seed.stored_messages(engine, conversation_id, "role, content, status, error_code, client_message_id")
 
 
 def tasks(engine: Engine, user_id: str) -> list[dict[str, Any]]:
@@ -355,7 +348,8 @@ async def test_other_user_cannot_post_into_a_conversation(
     theirs = await say(http, "show me alice's stuff", cid, headers=BOB)
     missing = await say(http, "show me alice's stuff", str(uuid.uuid4()), headers=BOB)
     assert theirs.status_code == missing.status_code == 404
-    assert theirs.json() == missing.json()
+    # Alike but for the request id each answer carries.
+    assert {**theirs.json(), "request_id": None} == {**missing.json(), "request_id": None}
     assert len(scripted.calls) == calls
     assert len(messages(engine, cid)) == 2
 
@@ -393,6 +387,23 @@ async def test_bad_input_is_422(http: httpx.AsyncClient, body: dict[str, Any], e
     response = await http.post("/api/chat", json=body, headers=ALICE)
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM message")).scalar() == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [("not json", "application/json"), ('{"message": "hi"', "application/json"), ('{"message": "hi"}', "text/plain")],
+)
+async def test_a_body_that_is_not_json_is_400(
+    http: httpx.AsyncClient, engine: Engine, content: str, content_type: str
+) -> None:
+    """400 when the body cannot be read as JSON at all; 422 (above) when JSON values do not fit."""
+    response = await http.post("/api/chat", content=content, headers={**ALICE, "content-type": content_type})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "bad_request"
+    assert [(e["loc"][0], e["type"]) for e in body["detail"]] == [("body", "json_invalid")]
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM message")).scalar() == 0
 

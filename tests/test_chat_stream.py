@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 from backend.agent.offline import OfflineModel
 from backend.config import Settings
 from backend.main import create_app
+from tests.support import seed
 from tests.support.models import Flood, ScriptableOffline
 from tests.support.servers import serve_in_thread
 from tests.support.stack import with_free_mcp_port
@@ -56,12 +57,7 @@ async def stream(
 
 
 def stored(engine: Engine, conversation_id: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text("SELECT role, content, status, error_code FROM message WHERE conversation_id = :c ORDER BY seq"),
-            {"c": conversation_id},
-        )
-        return [dict(row._mapping) for row in rows]
+    return seed.stored_messages(engine, conversation_id, "role, content, status, error_code")
 
 
 async def test_plain_answer_event_order(stack_settings: Settings) -> None:

@@ -18,7 +18,9 @@ import httpx
 import litellm
 import pytest
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message
+from chatkit.types import ClientToolCallItem, ThreadItem
 from fastapi import FastAPI
+from pydantic import TypeAdapter
 from sqlalchemy import Engine
 
 from backend.config import Settings
@@ -34,6 +36,7 @@ from tests.support.chatkit import (
     count,
     create,
     deltas,
+    error_body,
     parse_events,
     post,
     stored,
@@ -128,6 +131,46 @@ async def test_tool_answer_shows_progress_and_stores_the_call(http: httpx.AsyncC
     assert second[0]["item"]["content"][0]["text"] == "show my tasks"
     assert "buy milk" in answer_of(second)["content"][0]["text"]
     assert [m["role"] for m in stored(engine, tid)] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_tool_calls_are_thread_items_live_and_on_reload(http: httpx.AsyncClient, engine: Engine) -> None:
+    events = await stream(http, create("add buy milk"))
+    tid = thread_id_of(events)
+    done = [e["item"] for e in events if e["type"] == "thread.item.done"]
+    assert [i["type"] for i in done] == ["user_message", "client_tool_call", "assistant_message"]
+    live = done[1]
+    answer_id = done[2]["id"]
+    expected = {
+        "id": f"{answer_id}:tool:0",
+        "thread_id": tid,
+        "type": "client_tool_call",
+        "status": "completed",
+        "call_id": f"{answer_id}:tool:0",
+        "name": "add_task",
+        "arguments": {"title": "buy milk"},
+        "output": {"task_id": 1, "status": "created", "title": "buy milk"},
+    }
+    assert {k: v for k, v in live.items() if k != "created_at"} == expected
+
+    # Reloaded (threads.get_by_id, items.list), the thread shows the same item from the stored reply.
+    thread = await call(http, "threads.get_by_id", thread_id=tid)
+    items = thread["items"]["data"]
+    assert [i["type"] for i in items] == ["user_message", "client_tool_call", "assistant_message"]
+    assert {k: v for k, v in items[1].items() if k != "created_at"} == expected
+    listed = await call(http, "items.list", thread_id=tid, order="asc")
+    assert [i["id"] for i in listed["data"]] == [i["id"] for i in items]
+    # ChatKit's own types read them back.
+    parsed = TypeAdapter(list[ThreadItem]).validate_python(items)
+    assert isinstance(parsed[1], ClientToolCallItem)
+
+    # The item is not a message that can be answered again; another user sees none of it.
+    retry = {"type": "threads.retry_after_item", "params": {"thread_id": tid, "item_id": expected["id"]}}
+    response = await post(http, retry)
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_request")
+    for body in ({"type": "items.list", "params": {"thread_id": tid}}, {**retry}):
+        response = await post(http, body, BOB)
+        assert (response.status_code, error_body(response)) == (404, NOT_FOUND), body["type"]
+    assert len(stored(engine, tid)) == 2
 
 
 async def test_no_db_connection_is_held_while_the_model_runs(
@@ -260,9 +303,14 @@ async def test_rest_conversation_is_a_chatkit_thread(http: httpx.AsyncClient, en
     assert [(t["id"], t["title"]) for t in threads["data"]] == [(cid, "add buy milk")]
     thread = await call(http, "threads.get_by_id", thread_id=cid)
     rest = (await http.get(f"/api/conversations/{cid}", headers=ALICE)).json()["messages"]
-    assert [i["id"] for i in thread["items"]["data"]] == [m["id"] for m in rest]
-    assert thread["items"]["data"][1]["id"] == made["message_id"]
-    assert thread["items"]["data"][1]["content"][0]["text"] == made["response"]
+    user, tool, answer = thread["items"]["data"]
+    assert [user["id"], answer["id"]] == [m["id"] for m in rest] and answer["id"] == made["message_id"]
+    assert answer["content"][0]["text"] == made["response"]
+    assert (tool["type"], tool["name"], tool["output"]) == (
+        "client_tool_call",
+        "add_task",
+        rest[1]["tool_calls"][0]["result"],
+    )
 
     # Continued over ChatKit, it is still the same conversation for REST.
     events = await stream(http, add(cid, "show my tasks"))
@@ -281,7 +329,7 @@ async def test_another_users_thread_answers_like_a_missing_one(http: httpx.Async
     before = stored(engine, tid)
     for missing in (str(uuid.uuid4()), "thr_not_a_uuid"):
         response = await post(http, {"type": "threads.get_by_id", "params": {"thread_id": missing}})
-        assert (response.status_code, response.json()) == (404, NOT_FOUND)
+        assert (response.status_code, error_body(response)) == (404, NOT_FOUND)
 
     requests = [
         {"type": "threads.get_by_id", "params": {"thread_id": tid}},
@@ -293,7 +341,7 @@ async def test_another_users_thread_answers_like_a_missing_one(http: httpx.Async
     ]
     for body in requests:
         response = await post(http, body, BOB)
-        assert (response.status_code, response.json()) == (404, NOT_FOUND), body["type"]
+        assert (response.status_code, error_body(response)) == (404, NOT_FOUND), body["type"]
     assert (await call(http, "threads.list", BOB))["data"] == []
     assert stored(engine, tid) == before
     assert (await call(http, "threads.get_by_id", thread_id=tid))["title"] == "hello"
@@ -326,17 +374,23 @@ async def test_items_list_pages_by_item_id(http: httpx.AsyncClient) -> None:
     ids = [m["id"] for m in (await http.get(f"/api/conversations/{cid}", headers=ALICE)).json()["messages"]]
     assert len(ids) == 6
 
+    # A page holds `limit` messages; a reply brings its tool call items along (before it, in asc order).
+    add_call, list_call = f"{ids[3]}:tool:0", f"{ids[5]}:tool:0"
     first = await call(http, "items.list", thread_id=cid, order="asc", limit=4)
-    assert [i["id"] for i in first["data"]] == ids[:4]
+    assert [i["id"] for i in first["data"]] == [*ids[:3], add_call, ids[3]]
     assert first["has_more"] is True and first["after"] == ids[3]
     rest = await call(http, "items.list", thread_id=cid, order="asc", limit=4, after=first["after"])
-    assert [i["id"] for i in rest["data"]] == ids[4:]
+    assert [i["id"] for i in rest["data"]] == [ids[4], list_call, ids[5]]
     assert rest["has_more"] is False
     newest = await call(http, "items.list", thread_id=cid, limit=2)  # ChatKit's default order is desc
-    assert [i["id"] for i in newest["data"]] == ids[:-3:-1]
+    assert [i["id"] for i in newest["data"]] == [ids[5], list_call, ids[4]]
     older = await call(http, "items.list", thread_id=cid, limit=2, after=newest["after"])
-    assert [i["id"] for i in older["data"]] == ids[-3:-5:-1]
-    assert [i["type"] for i in first["data"]] == ["user_message", "assistant_message"] * 2
+    assert [i["id"] for i in older["data"]] == [ids[3], add_call, ids[2]]
+    types = ["user_message", "assistant_message", "user_message", "client_tool_call", "assistant_message"]
+    assert [i["type"] for i in first["data"]] == types
+    # A tool call item's id continues after its whole reply.
+    after_call = await call(http, "items.list", thread_id=cid, order="asc", after=add_call)
+    assert [i["id"] for i in after_call["data"]] == [ids[4], list_call, ids[5]]
     bad = await post(http, {"type": "items.list", "params": {"thread_id": cid, "after": str(uuid.uuid4())}})
     assert bad.status_code == 422 and bad.json()["code"] == "invalid_cursor"
 
@@ -356,7 +410,7 @@ async def test_delete(http: httpx.AsyncClient, engine: Engine) -> None:
     tid = thread_id_of(await stream(http, create("hello")))
     assert await call(http, "threads.delete", thread_id=tid) == {}
     response = await post(http, {"type": "threads.get_by_id", "params": {"thread_id": tid}})
-    assert (response.status_code, response.json()) == (404, NOT_FOUND)
+    assert (response.status_code, error_body(response)) == (404, NOT_FOUND)
     assert (await http.get(f"/api/conversations/{tid}", headers=ALICE)).status_code == 404
     assert stored(engine, tid) == []
 
@@ -385,7 +439,6 @@ async def test_attachments_are_refused_before_anything_is_stored(http: httpx.Asy
 @pytest.mark.parametrize(
     "body",
     [
-        "not json",
         {"type": "threads.explode", "params": {}},
         {"type": "threads.create", "params": {}},
         create(""),
@@ -399,6 +452,13 @@ async def test_invalid_requests_are_422(http: httpx.AsyncClient, engine: Engine,
     response = await http.post("/chatkit", content=content, headers={**ALICE, "content-type": "application/json"})
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
+    assert count(engine, "conversation") == 0
+
+
+async def test_a_body_that_is_not_json_is_400(http: httpx.AsyncClient, engine: Engine) -> None:
+    response = await http.post("/chatkit", content="not json", headers={**ALICE, "content-type": "application/json"})
+    assert (response.status_code, response.json()["code"]) == (400, "bad_request")
+    assert response.json()["detail"][0]["type"] == "json_invalid"
     assert count(engine, "conversation") == 0
 
 

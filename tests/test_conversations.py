@@ -104,7 +104,8 @@ async def test_other_users_conversation_answers_like_missing(client: httpx.Async
         theirs = await client.request(method, f"/api/conversations/{conv}", headers=BOB, **extra)  # type: ignore[arg-type]
         absent = await client.request(method, f"/api/conversations/{missing}", headers=BOB, **extra)  # type: ignore[arg-type]
         assert theirs.status_code == absent.status_code == 404
-        assert theirs.json() == absent.json() == {"detail": "Conversation not found", "code": "not_found"}
+        same = {"detail": "Conversation not found", "code": "not_found", "request_id": None}
+        assert {**theirs.json(), "request_id": None} == {**absent.json(), "request_id": None} == same
     body = (await client.get(f"/api/conversations/{conv}", headers=ALICE)).json()
     assert body["title"] == "private"
     assert len(body["messages"]) == 2
@@ -198,10 +199,12 @@ async def test_cors_preflight_only_for_configured_origins(database_url: str) -> 
 
 
 async def test_service_422s_are_shaped_like_validation_errors(client: httpx.AsyncClient) -> None:
-    body = (await client.get("/api/conversations", params={"cursor": "bogus"}, headers=ALICE)).json()
+    response = await client.get("/api/conversations", params={"cursor": "bogus"}, headers=ALICE)
+    body = response.json()
     assert body == {
         "detail": [{"loc": ["query", "cursor"], "msg": "cursor is not valid", "type": "invalid_cursor"}],
         "code": "invalid_cursor",
+        "request_id": response.headers["x-request-id"],
     }
 
 

@@ -275,7 +275,7 @@ def test_api_scales_behind_nginx() -> None:
 
 def test_nginx_streams_sse_and_forwards_client_headers() -> None:
     locations = dict(re.findall(r"location\s+(?:=\s+)?(\S+)\s*\{([^}]*)\}", NGINX_CODE))
-    for path in ("/api/chat/stream", "/chatkit"):
+    for path in ("/api/chat/stream", "/api/chat/ui", "/chatkit"):
         assert "proxy_buffering off" in locations[path], f"{path} must not be buffered (SSE)"
         assert re.search(r"proxy_read_timeout\s+(\d+[smh]?)", locations[path])
     assert re.search(r"client_max_body_size\s+1m;", NGINX_CODE)

@@ -14,25 +14,14 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.conftest import TEST_MCP_SECRET
-from tests.support.servers import free_port, run_process
-from tests.support.tokens import TEST_AUTH_SECRET, auth
+from tests.support.servers import free_port, process_env, run_process
+from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
 
 
 def _env(database_url: str, mcp_port: int, api_port: int, **extra: str) -> dict[str, str]:
-    return {
-        "APP_ENV": "production",
-        "DATABASE_URL": database_url,
-        "AUTH_SECRET": TEST_AUTH_SECRET,
-        "MCP_TOKEN_SECRET": TEST_MCP_SECRET,
-        "CHAT_MODEL": "offline",
-        "MCP_URL": f"http://127.0.0.1:{mcp_port}/mcp",
-        "API_PORT": str(api_port),
-        "LOG_LEVEL": "WARNING",
-        **extra,
-    }
+    return process_env(database_url, MCP_URL=f"http://127.0.0.1:{mcp_port}/mcp", API_PORT=str(api_port), **extra)
 
 
 @contextmanager

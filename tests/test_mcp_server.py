@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +38,7 @@ from backend.mcp_server.task_store import purge_tool_calls
 from backend.models import Task
 from backend.pgserver import with_database
 from tests.conftest import TEST_MCP_SECRET, make_settings
+from tests.support.node import npm_project
 from tests.support.servers import free_port, run_process, serve_in_thread
 
 TOOLS = {"add_task", "list_tasks", "complete_task", "update_task", "delete_task"}
@@ -611,22 +610,7 @@ TS_CLIENT = Path(__file__).parent / "js" / "mcp"
 @pytest.fixture(scope="session")
 def ts_client() -> Path:
     """tests/js/mcp with its locked npm packages installed (`npm ci` once; kept between runs)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed to run the TypeScript MCP SDK")
-    lock = json.loads((TS_CLIENT / "package-lock.json").read_text())
-    wanted = lock["packages"]["node_modules/@modelcontextprotocol/sdk"]["version"]
-    installed = TS_CLIENT / "node_modules" / "@modelcontextprotocol" / "sdk" / "package.json"
-    with open(TS_CLIENT / "package.json") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # one install at a time, should two test runs start together
-        if not installed.exists() or json.loads(installed.read_text())["version"] != wanted:
-            subprocess.run(
-                ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=TS_CLIENT,
-                check=True,
-                timeout=600,
-                capture_output=True,
-            )
-    return TS_CLIENT
+    return npm_project("mcp")
 
 
 def test_typescript_sdk_client(server: Running, engine: Engine, ts_client: Path) -> None:
@@ -850,6 +834,7 @@ def test_old_tool_call_records_are_purged(server: Running, engine: Engine) -> No
                 "('new', 'alice', 'add_task', '{}', now())"
             )
         )
-    assert purge_tool_calls(engine, timedelta(days=2)) == 1
+    with Session(engine) as session, session.begin():
+        assert purge_tool_calls(session, timedelta(days=2)) == 1
     with engine.connect() as conn:
         assert [row[0] for row in conn.execute(text("SELECT key FROM tool_call"))] == ["new"]

@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import NullPool
 
 from tests.conftest import TEST_MCP_SECRET
+from tests.support import seed
 from tests.support.servers import free_port, run_process
 from tests.support.tokens import TEST_AUTH_SECRET, auth
 
@@ -165,15 +166,7 @@ class Chat:
 
 
 def stored_messages(db: Engine, conversation_id: str) -> list[dict[str, Any]]:
-    with db.connect() as conn:
-        rows = conn.execute(
-            sa.text(
-                "SELECT id, seq, role, status, client_message_id, reply_to FROM message"
-                " WHERE conversation_id = :c ORDER BY seq"
-            ),
-            {"c": conversation_id},
-        )
-        return [dict(row._mapping) for row in rows]
+    return seed.stored_messages(db, conversation_id, "id, seq, role, status, client_message_id, reply_to")
 
 
 def task_titles(db: Engine, user_id: str = "alice") -> list[str]:

@@ -22,26 +22,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TEST_MCP_SECRET
 from tests.support import db
-from tests.support.servers import free_port, wait_http
-from tests.support.tokens import TEST_AUTH_SECRET, auth
+from tests.support.servers import free_port, process_env, wait_http
+from tests.support.tokens import auth
 
 LIMITS = {"MAX_HEADER_BYTES": "16384", "MAX_HEADER_COUNT": "100", "HEADER_TIMEOUT_SECONDS": "1"}
 
 
 def _env(database_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "APP_ENV": "production",
-        "DATABASE_URL": database_url,
-        "AUTH_SECRET": TEST_AUTH_SECRET,
-        "MCP_TOKEN_SECRET": TEST_MCP_SECRET,
-        "CHAT_MODEL": "offline",
-        "LOG_LEVEL": "WARNING",
-        "WEB_CONCURRENCY": "1",
-        **LIMITS,
-        **extra,
-    }
+    return process_env(database_url, **{"WEB_CONCURRENCY": "1", **LIMITS, **extra})
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from backend import metrics
 from backend.config import Settings
 from backend.delegation import CALL_META
 from backend.failures import McpUnavailable
@@ -144,7 +145,12 @@ class TaskServer(MCPServer):
         async def call(session: ClientSession) -> mcp_types.CallToolResult:
             return await session.send_request(request, mcp_types.CallToolResult)
 
-        result: mcp_types.CallToolResult = await self._request(call)
+        try:
+            result: mcp_types.CallToolResult = await self._request(call)
+        except McpUnavailable:
+            metrics.tool_called(tool_name, "unavailable")
+            raise
+        metrics.tool_called(tool_name, "error" if result.is_error else "ok")
         return result
 
     async def list_prompts(self) -> mcp_types.ListPromptsResult:

@@ -1,0 +1,1 @@
+"""HTTP front doors: each router turns requests into service calls and service results into responses."""

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 
+from backend.api.openapi import event_stream
 from backend.api.sse import EventStream, frame
 from backend.deps import CurrentUser, TurnsDep
 from backend.errors import AUTH_ERRORS, error_responses
@@ -64,7 +65,13 @@ async def chat(body: ChatRequest, user_id: CurrentUser, turns: TurnsDep, key: Id
 
 @router.post(
     "/stream",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "SSE turn events"}},
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"text/event-stream": event_stream("ChatStreamEvent", "Turn events, to `complete` or `error`.")},
+            "description": "SSE turn events",
+        },
+    },
     response_class=EventStream,
 )
 async def chat_stream(

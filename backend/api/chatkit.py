@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from backend.api.openapi import event_stream, schema_ref
 from backend.api.sse import EventStream
 from backend.deps import CurrentUser, TurnsDep
 from backend.errors import AUTH_ERRORS, error_responses
@@ -34,7 +35,10 @@ router = APIRouter(tags=["chatkit"])
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "content": {"application/json": {}, "text/event-stream": {}},
+        "content": {
+            "application/json": {},
+            "text/event-stream": event_stream("ChatKitEvent", "ChatKit thread events (comment heartbeats between)."),
+        },
         "description": "A JSON body, or ChatKit thread events as SSE for streaming requests",
     },
     **error_responses(*AUTH_ERRORS, 404, 409),
@@ -52,7 +56,10 @@ ChatKitDep = Annotated[TaskChatKitServer, Depends(get_chatkit)]
 @router.post(
     "/chatkit",
     responses=RESPONSES,
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}},
+    # ChatKit's own parser reads the raw body; the document still says what it accepts.
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema_ref("ChatKitRequest")}}}
+    },
 )
 async def chatkit(request: Request, user_id: CurrentUser, server: ChatKitDep, turns: TurnsDep) -> Response:
     context = ChatKitContext(user_id=user_id)

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from backend.metrics import SSE_STREAMS_OPEN
+
 log = logging.getLogger(__name__)
 
 # Keep proxies (nginx, CDNs) from buffering or transforming the event stream.
@@ -55,9 +57,11 @@ class EventStream(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        SSE_STREAMS_OPEN.inc()
         try:
             await super().__call__(scope, receive, send)
         finally:
+            SSE_STREAMS_OPEN.dec()
             await asyncio.shield(self._close())
 
     async def _close(self) -> None:

@@ -1,4 +1,4 @@
-"""The MCP server's ASGI app: streamable HTTP at MCP_URL's path, plus /health and /health/ready."""
+"""The MCP server's ASGI app: streamable HTTP at MCP_URL's path, plus /health, /health/ready and /metrics."""
 
 from __future__ import annotations
 
@@ -8,23 +8,25 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, cast, get_args
 
 import anyio
-import anyio.to_thread
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from backend import __version__
 from backend.config import Settings
-from backend.db import make_engine, ping
+from backend.db import Database, make_engine
 from backend.delegation import SCOPE
 from backend.mcp_server.auth import DelegationTokenVerifier
 from backend.mcp_server.task_store import purge_tool_calls
 from backend.mcp_server.tools import task_tools
+from backend.metrics import HttpMetricsMiddleware, metrics_endpoint
+from backend.request_context import RequestIdMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ INSTRUCTIONS = (
     "Tasks are identified by the user's own task number (task_id: 1, 2, 3, ...); "
     "call list_tasks to find a task's number from its title."
 )
+
+# /health/ready answers within this, whatever the database does (a stalled one is "unavailable").
+READY_SECONDS = 2.0
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -59,13 +64,13 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 
 def create_mcp_app(settings: Settings) -> Starlette:
     """The whole MCP server process as one ASGI app (what `chat-backend mcp` serves)."""
-    engine = make_engine(settings)
+    db = Database(make_engine(settings), settings.db_timeout_seconds, settings.db_pool_size + settings.db_max_overflow)
     server: MCPServer[Any] = MCPServer(
         name="chat-backend-tasks",
         version=__version__,
         instructions=INSTRUCTIONS,
         log_level=_log_level(settings.log_level),
-        tools=list(task_tools(engine)),
+        tools=list(task_tools(db)),
         token_verifier=DelegationTokenVerifier(settings.resolved_mcp_secret()),
         auth=AuthSettings(
             # Required by the SDK, but advertised nowhere: no authorization server exists. Without a
@@ -88,14 +93,14 @@ def create_mcp_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok", "version": __version__})
 
     async def ready(_: Request) -> JSONResponse:
-        if await anyio.to_thread.run_sync(ping, engine):
+        if await db.ping(within=READY_SECONDS):
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "unavailable", "checks": {"database": False}}, status_code=503)
 
     async def purge_hourly() -> None:
         while True:
             try:
-                await anyio.to_thread.run_sync(purge_tool_calls, engine)
+                await db.run_orm(purge_tool_calls)
             except Exception:  # the database may be briefly away; try again next hour
                 log.warning("could not purge old tool_call rows", exc_info=True)
             await anyio.sleep(3600)
@@ -109,13 +114,14 @@ def create_mcp_app(settings: Settings) -> Starlette:
                 yield
                 tasks.cancel_scope.cancel()
         finally:
-            engine.dispose()
+            db.engine.dispose()
 
+    routes = [Route("/health", health, methods=["GET"]), Route("/health/ready", ready, methods=["GET"])]
+    if settings.metrics_enabled:
+        routes.append(Route("/metrics", metrics_endpoint(settings.metrics_token), methods=["GET"]))
     return Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/health/ready", ready, methods=["GET"]),
-            Mount("/", app=mcp_app),
-        ],
+        routes=[*routes, Mount("/", app=mcp_app)],
+        # The API's X-Request-ID arrives with each tool call: the tools' log lines carry it.
+        middleware=[Middleware(RequestIdMiddleware), Middleware(HttpMetricsMiddleware)],
         lifespan=lifespan,
     )

@@ -12,6 +12,8 @@ The SDK's `Tool.from_function` leaves three rough edges that this module files o
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -22,6 +24,10 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp_types import ToolAnnotations
 from pydantic import ConfigDict, ValidationError
 
+from backend import metrics
+
+log = logging.getLogger(__name__)
+
 
 class StrictTool(Tool):
     """A tool whose argument errors are plain sentences, built from `rules` (argument -> rule)."""
@@ -29,14 +35,30 @@ class StrictTool(Tool):
     rules: dict[str, str] = {}
 
     async def run(self, arguments: dict[str, Any], context: Context[Any, Any], convert_result: bool = False) -> Any:
+        started, outcome = time.monotonic(), "error"
         try:
-            return await super().run(arguments, context, convert_result)
+            result = await super().run(arguments, context, convert_result)
+            outcome = "ok"
+            return result
         except ToolError as exc:
             cause = exc.__cause__
             if isinstance(exc, UnexpectedToolError) or not isinstance(cause, ValidationError):
                 raise
+            outcome = "invalid_arguments"
             # The cause stays attached: the SDK logs the rejected field names (never the values).
             raise ToolError(f"Error executing tool {self.name}: {plain_errors(cause, self.rules)}") from cause
+        finally:
+            # One line per call, never its arguments (task titles are the user's text); the request id
+            # on it is the API's, so a turn's calls are found from the API's log line.
+            duration_ms = int((time.monotonic() - started) * 1000)
+            metrics.mcp_tool_served(self.name, outcome)
+            log.info(
+                "tool %s outcome=%s duration_ms=%d",
+                self.name,
+                outcome,
+                duration_ms,
+                extra={"tool": self.name, "outcome": outcome, "duration_ms": duration_ms},
+            )
 
 
 def plain_errors(error: ValidationError, rules: Mapping[str, str]) -> str:

@@ -1,7 +1,7 @@
 """The task tools' database work: one short transaction per call, always scoped to one user.
 
 Every transaction starts by checking the grant: a turn token is honoured only while its turn holds
-the conversation's lease (`grant_scope`). Every statement names the user next to the task number,
+the conversation's lease (`check_grant`). Every statement names the user next to the task number,
 so another user's task and a missing one are indistinguishable ("task N not found").
 """
 
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
-from sqlalchemy import Engine, delete, func, literal, update
+from sqlalchemy import delete, func, literal, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from backend.db import session_scope
 from backend.delegation import Delegation
 from backend.models import Conversation, Task, TaskCounter, ToolCall
 
@@ -52,30 +49,28 @@ class TaskList(BaseModel):
     tasks: list[TaskItem]
 
 
-@contextmanager
-def grant_scope(engine: Engine, grant: Delegation) -> Iterator[Session]:
-    """A transaction in which `grant` holds: a turn token only while its turn holds the lease.
+def check_grant(session: Session, grant: Delegation) -> None:
+    """Begins every task transaction: a turn token holds only while its turn holds the lease.
 
     The conversation row is read `FOR SHARE`: the API's lease release (an UPDATE of that row) waits
     for this transaction, and a release already under way makes the check see the released row. So
     every task change made with a turn token commits before its turn ends, never after. The lease is
     compared with the database clock, the one clock every replica shares.
     """
-    with session_scope(engine) as session:
-        if not grant.is_operator:
-            live = session.exec(
-                select(literal(1))
-                .where(
-                    col(Conversation.id) == grant.conversation_id,
-                    col(Conversation.user_id) == grant.user_id,
-                    col(Conversation.turn_id) == grant.turn_id,
-                    col(Conversation.turn_lease_until) > func.now(),
-                )
-                .with_for_update(read=True)
-            ).first()
-            if live is None:
-                raise ToolError(TURN_ENDED)
-        yield session
+    if grant.is_operator:
+        return
+    live = session.exec(
+        select(literal(1))
+        .where(
+            col(Conversation.id) == grant.conversation_id,
+            col(Conversation.user_id) == grant.user_id,
+            col(Conversation.turn_id) == grant.turn_id,
+            col(Conversation.turn_lease_until) > func.now(),
+        )
+        .with_for_update(read=True)
+    ).first()
+    if live is None:
+        raise ToolError(TURN_ENDED)
 
 
 def _not_found(number: int) -> ToolError:
@@ -168,38 +163,29 @@ def replay_key(grant: Delegation, tool: str, arguments: dict[str, Any], occurren
 
 
 def change_once(
-    engine: Engine, grant: Delegation, tool: str, key: str | None, work: Callable[[Session], TaskChange]
+    session: Session, grant: Delegation, tool: str, key: str | None, work: Callable[[Session], TaskChange]
 ) -> TaskChange:
-    """`work` in one granted transaction, recorded under `key`; a recorded key answers its first result."""
-    try:
-        with grant_scope(engine, grant) as session:
-            if key is not None and (done := session.get(ToolCall, key)) is not None:
-                return TaskChange.model_validate(done.result)
-            result = work(session)
-            if key is not None:
-                session.add(ToolCall(key=key, user_id=grant.user_id, tool=tool, result=result.model_dump()))
-            return result
-    except IntegrityError:
-        if key is None:
-            raise
-        # The same call raced itself (the turn lease makes this all but impossible): the first one won.
-        with grant_scope(engine, grant) as session:
-            done = session.get(ToolCall, key)
-            if done is None:
-                raise
-            return TaskChange.model_validate(done.result)
+    """`work` in a granted transaction, recorded under `key`; a recorded key answers its first result.
+    Should the same call race itself (the turn lease makes this all but impossible), the loser's
+    commit fails on the key: `recorded` in a new transaction then answers the winner's result."""
+    if (done := recorded(session, grant, key)) is not None:
+        return done
+    result = work(session)
+    if key is not None:
+        session.add(ToolCall(key=key, user_id=grant.user_id, tool=tool, result=result.model_dump()))
+    return result
 
 
-def read(engine: Engine, grant: Delegation, work: Callable[[Session], TaskList]) -> TaskList:
-    with grant_scope(engine, grant) as session:
-        return work(session)
+def recorded(session: Session, grant: Delegation, key: str | None) -> TaskChange | None:
+    check_grant(session, grant)
+    done = session.get(ToolCall, key) if key is not None else None
+    return TaskChange.model_validate(done.result) if done is not None else None
 
 
 # A turn is re-run within minutes of its failure; its recorded calls are not needed for longer.
 TOOL_CALL_RETENTION = timedelta(days=2)
 
 
-def purge_tool_calls(engine: Engine, older_than: timedelta = TOOL_CALL_RETENTION) -> int:
-    with session_scope(engine) as session:
-        result = session.execute(delete(ToolCall).where(col(ToolCall.created_at) < func.now() - older_than))
-        return int(getattr(result, "rowcount", 0))
+def purge_tool_calls(session: Session, older_than: timedelta = TOOL_CALL_RETENTION) -> int:
+    result = session.execute(delete(ToolCall).where(col(ToolCall.created_at) < func.now() - older_than))
+    return int(getattr(result, "rowcount", 0))

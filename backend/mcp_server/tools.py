@@ -8,18 +8,18 @@ sentence it can read and correct. The database work is in `task_store`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import anyio.to_thread
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import AfterValidator, Field, StringConstraints
-from sqlalchemy import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from backend.db import Database, T
 from backend.delegation import CALL_META
+from backend.failures import DatabaseUnavailable
 from backend.mcp_server import task_store
 from backend.mcp_server.auth import current_delegation
 from backend.mcp_server.strict_tools import StrictTool, strict_tool
@@ -46,19 +46,17 @@ RULES = {
     "status": "must be 'all', 'pending' or 'completed'",
 }
 
-_T = TypeVar("_T")
 
-
-async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
-    """psycopg2 blocks: keep it off the event loop; an unreachable database becomes a tool error."""
+async def _run(db: Database, work: Callable[[Session], T]) -> T:
+    """One transaction off the event loop; an unreachable database becomes a tool error."""
     try:
-        return await anyio.to_thread.run_sync(fn, *args)
-    except (OperationalError, InterfaceError) as exc:
+        return await db.run_orm(work)
+    except DatabaseUnavailable as exc:
         raise ToolError("the task database is unavailable; try again shortly") from exc
 
 
-def task_tools(engine: Engine) -> list[StrictTool]:
-    """The tools, bound to `engine`; give them to `MCPServer(tools=...)`."""
+def task_tools(db: Database) -> list[StrictTool]:
+    """The tools, bound to `db`; give them to `MCPServer(tools=...)`."""
 
     async def change(
         ctx: Context[Any], tool: str, arguments: dict[str, Any], work: Callable[[Session, str], TaskChange]
@@ -66,9 +64,14 @@ def task_tools(engine: Engine) -> list[StrictTool]:
         """A task-changing call for the token's user, done at most once per turn and call."""
         grant = current_delegation()
         key = task_store.replay_key(grant, tool, arguments, (ctx.request_context.meta or {}).get(CALL_META))
-        return await _in_thread(
-            task_store.change_once, engine, grant, tool, key, lambda session: work(session, grant.user_id)
-        )
+        try:
+            return await _run(
+                db, lambda s: task_store.change_once(s, grant, tool, key, lambda s: work(s, grant.user_id))
+            )
+        except IntegrityError:
+            if (done := await _run(db, lambda s: task_store.recorded(s, grant, key))) is None:
+                raise
+            return done
 
     async def add_task(
         ctx: Context[Any],
@@ -98,8 +101,12 @@ def task_tools(engine: Engine) -> list[StrictTool]:
         deleting it when the user refers to it by name.
         """
         grant = current_delegation()
-        work: Callable[[Session], TaskList] = lambda s: task_store.list_tasks(s, grant.user_id, status)  # noqa: E731
-        return await _in_thread(task_store.read, engine, grant, work)
+
+        def work(session: Session) -> TaskList:
+            task_store.check_grant(session, grant)
+            return task_store.list_tasks(session, grant.user_id, status)
+
+        return await _run(db, work)
 
     async def complete_task(task_id: TaskId, ctx: Context[Any]) -> TaskChange:
         """Mark one of the user's tasks as done, by task number.

@@ -1,0 +1,1 @@
+"""What a turn and a conversation do, independent of the protocol that asked (REST, SSE, ChatKit, AI SDK)."""

@@ -2,8 +2,9 @@
 
 `respond()` runs the same turn as /api/chat (`begin` + `stream`: same agent, model and MCP
 delegation) and translates its events into ChatKit's: the turn's tokens become text deltas of an
-assistant message item whose id is the stored assistant message's id, tool calls become progress
-updates, and a failure becomes a ChatKit error event carrying only our own safe message.
+assistant message item whose id is the stored assistant message's id, a tool call shows a progress
+update and, once it returns, a completed tool call item (the one a reload of the thread lists), and
+a failure becomes a ChatKit error event carrying only our own safe message.
 
 `handle()` wraps `process()` with the checks ChatKitServer would otherwise make mid-stream (where an
 exception can only break the connection) or not at all (attachments, unsupported requests).
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.types import (
@@ -54,9 +56,19 @@ from backend.services.chatkit_store import (
     attachments_refused,
     clean_title,
     message_text,
+    tool_item,
+    tool_item_id,
 )
 from backend.services.turn import TurnService
-from backend.services.turn_events import Token, ToolCalled, TurnCompleted, TurnError, TurnEvent, TurnStarted
+from backend.services.turn_events import (
+    Token,
+    ToolCalled,
+    ToolReturned,
+    TurnCompleted,
+    TurnError,
+    TurnEvent,
+    TurnStarted,
+)
 from backend.services.turn_store import TurnRequest, title_from
 
 _REQUEST: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
@@ -174,12 +186,20 @@ class _Reply:
     message_id: str = ""
     item: AssistantMessageItem | None = None
     text: str = ""
+    calls: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)  # call id -> (index, arguments)
 
     def translate(self, event: TurnEvent | None) -> Iterator[ThreadStreamEvent]:
         if isinstance(event, TurnStarted):
             self.message_id = str(event.message_id)
         elif isinstance(event, ToolCalled):
+            # Numbered in call order, as the reply stores them, so a reload shows the same items.
+            self.calls[event.call_id] = (len(self.calls), event.arguments)
             yield ProgressUpdateEvent(icon="bolt", text=_TOOL_PROGRESS.get(event.name, f"Using {event.name}"))
+        elif isinstance(event, ToolReturned) and event.call_id in self.calls:
+            index, arguments = self.calls[event.call_id]
+            call = {"name": event.name, "arguments": arguments, "result": event.result}
+            item_id = tool_item_id(self.message_id, index)
+            yield ThreadItemDoneEvent(item=tool_item(self.thread_id, item_id, utcnow(), call))
         elif isinstance(event, Token):
             yield from self._open()
             self.text += event.token
@@ -194,7 +214,7 @@ class _Reply:
             # What was said before the failure is stored with the error, so it stays on screen.
             yield from self._close(self.text)
             yield error_event(event.error)
-        # Heartbeats (None) and tool results (the answer reports them) add nothing here.
+        # Heartbeats (None) add nothing here.
 
     def _open(self) -> Iterator[ThreadStreamEvent]:
         # The item appears with its first words, so a turn that fails silently leaves no empty bubble.

@@ -1,4 +1,5 @@
-"""A ChatKit `Store` over our tables: a thread is a conversation, its items are the messages.
+"""A ChatKit `Store` over our tables: a thread is a conversation, its items are the messages, each
+reply preceded by its task tool calls (completed `client_tool_call` items from the stored reply).
 
 Every query is scoped by the user of the request (the verified JWT's `sub`, the only thing the
 context carries besides this request's own scratch), so another user's thread answers exactly like
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from chatkit.store import NotFoundError, Store, StoreItemType
 from chatkit.types import (
     AssistantMessageContent,
     AssistantMessageItem,
     Attachment,
+    ClientToolCallItem,
     InferenceOptions,
     Page,
     ThreadItem,
@@ -41,6 +45,8 @@ from backend.services.turn import TurnService, TurnStream
 from backend.services.turn_store import BegunTurn, TurnRequest, title_from
 
 MAX_PAGE = 100
+# Tool call items are named after their reply: "<message id>:tool:<n>".
+TOOL_ITEM = ":tool:"
 _TITLE: TypeAdapter[str] = TypeAdapter(Title)
 _MESSAGE: TypeAdapter[str] = TypeAdapter(MessageText)
 
@@ -83,22 +89,53 @@ def thread_uuid(thread_id: str) -> uuid.UUID:
         raise NotFoundError(f"Thread {thread_id} not found") from None
 
 
-def to_item(message: AnyRow) -> ThreadItem:
-    thread_id, item_id = str(message.conversation_id), str(message.id)
-    if message.role == Role.user:
-        return UserMessageItem(
-            id=item_id,
-            thread_id=thread_id,
-            created_at=message.created_at,
-            content=[UserMessageTextContent(text=message.content)],
-            inference_options=InferenceOptions(),
-        )
-    return AssistantMessageItem(
+def tool_item_id(message_id: str | uuid.UUID, index: int) -> str:
+    """The item of the `index`th tool call of an assistant message (in the order they were called)."""
+    return f"{message_id}{TOOL_ITEM}{index}"
+
+
+def tool_item(thread_id: str, item_id: str, created_at: datetime, call: dict[str, Any]) -> ClientToolCallItem:
+    """A task tool call as ChatKit's record of a finished tool call (our tools run on the server,
+    but the protocol's completed client tool call is what carries a name, arguments and output)."""
+    return ClientToolCallItem(
         id=item_id,
         thread_id=thread_id,
-        created_at=message.created_at,
-        content=[AssistantMessageContent(text=message.content)],
+        created_at=created_at,
+        status="completed",
+        call_id=item_id,  # the model's own call id is not stored; the item id names the call as well
+        name=call["name"],
+        arguments=call["arguments"],
+        output=call.get("result"),
     )
+
+
+def to_items(message: AnyRow) -> list[ThreadItem]:
+    """A user message is one item; an assistant message is its tool calls, then its text."""
+    thread_id, item_id = str(message.conversation_id), str(message.id)
+    if message.role == Role.user:
+        return [
+            UserMessageItem(
+                id=item_id,
+                thread_id=thread_id,
+                created_at=message.created_at,
+                content=[UserMessageTextContent(text=message.content)],
+                inference_options=InferenceOptions(),
+            )
+        ]
+    items: list[ThreadItem] = [
+        tool_item(thread_id, tool_item_id(item_id, index), message.created_at, call)
+        for index, call in enumerate(message.tool_calls)
+    ]
+    if message.content or not items:
+        items.append(
+            AssistantMessageItem(
+                id=item_id,
+                thread_id=thread_id,
+                created_at=message.created_at,
+                content=[AssistantMessageContent(text=message.content)],
+            )
+        )
+    return items
 
 
 class ConversationStore(Store[ChatKitContext]):
@@ -173,7 +210,9 @@ class ConversationStore(Store[ChatKitContext]):
             )
 
         rows, more = await self._db.run(work)
-        return Page(data=[to_item(m) for m in rows], has_more=more, after=str(rows[-1].id) if rows else None)
+        # Pages count messages; each brings its tool call items along, so a page never splits a reply.
+        items = [item for row in rows for item in (to_items(row) if order != "desc" else to_items(row)[::-1])]
+        return Page(data=items, has_more=more, after=str(rows[-1].id) if rows else None)
 
     async def load_item(self, thread_id: str, item_id: str, context: ChatKitContext) -> ThreadItem:
         conversation_id, user, message_id = thread_uuid(thread_id), context.user_id, _item_uuid(item_id)
@@ -183,9 +222,10 @@ class ConversationStore(Store[ChatKitContext]):
             return conversations.find_message(connection, conversation_id, message_id)
 
         message = await self._db.run(work)
-        if message is None:
+        found = [item for item in to_items(message) if item.id == item_id] if message is not None else []
+        if not found:
             raise NotFoundError(f"Item {item_id} not found")
-        return to_item(message)
+        return found[0]
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: ChatKitContext) -> None:
         """For the user's new message: begin the turn, which stores it (or refuses, before ChatKit
@@ -224,15 +264,17 @@ class ConversationStore(Store[ChatKitContext]):
 
 
 def _item_uuid(item_id: str) -> uuid.UUID:
+    """The message an item belongs to: the message itself, or the reply that made the tool call."""
     try:
-        return uuid.UUID(item_id)
+        return uuid.UUID(item_id.partition(TOOL_ITEM)[0])
     except ValueError:
         raise NotFoundError(f"Item {item_id} not found") from None
 
 
 def _cursor_uuid(after: str) -> uuid.UUID:
+    # A tool call item's id continues after its whole reply (pages never split one).
     try:
-        return uuid.UUID(after)
+        return uuid.UUID(after.partition(TOOL_ITEM)[0])
     except ValueError:
         raise InvalidInput(
             "after is not an item of this thread", code="invalid_cursor", field=("body", "after")

@@ -170,9 +170,9 @@ def delete(connection: Connection, conversation_id: uuid.UUID, user_id: str) -> 
 
 
 def shown() -> sa.ColumnElement[bool]:
-    """Messages a transcript shows: an assistant reply that failed before saying anything stays on
-    record (REST lists it) but has nothing to show in ChatKit."""
-    return sa.or_(M.role == Role.user, M.content != "")
+    """Messages a transcript shows: an assistant reply that failed before saying or doing anything
+    stays on record (REST lists it) but has nothing to show in ChatKit. One that called tools shows them."""
+    return sa.or_(M.role == Role.user, M.content != "", sa.func.jsonb_array_length(M.tool_calls) > 0)
 
 
 def message_page(

@@ -29,6 +29,7 @@ from openai.types.responses import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from backend import metrics
 from backend.agent.factory import build_agent, run_config
 from backend.agent.failures import classify, describe
 from backend.agent.mcp_client import TURN_CALL, TaskServer, TurnCall
@@ -38,6 +39,7 @@ from backend.db import Database
 from backend.delegation import mint_turn_token
 from backend.failures import ConversationBusy, ServiceError
 from backend.models import MessageStatus, Role
+from backend.request_context import current_request_id
 from backend.services import streaming, turn_store
 from backend.services.limits import Limits
 from backend.services.turn_events import (
@@ -68,12 +70,20 @@ class TurnRecorder(RunHooks[Any]):
     """What a run did, from the SDK's hooks: tool calls with their results, usage, and each model
     response's text. It sees every completed model call and tool call, however the run ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "") -> None:
+        self.model = model
         self.calls: dict[str, dict[str, Any]] = {}
         self.usage = zero_usage()
         self.texts: list[str] = []
+        self._llm_started: float | None = None
+
+    async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, input_items: Any) -> None:
+        self._llm_started = time.monotonic()
 
     async def on_llm_end(self, context: Any, agent: Any, response: ModelResponse) -> None:
+        if self._llm_started is not None:
+            metrics.model_called(self.model, time.monotonic() - self._llm_started)
+            self._llm_started = None
         self.usage["input_tokens"] += response.usage.input_tokens
         self.usage["output_tokens"] += response.usage.output_tokens
         self.usage["total_tokens"] += response.usage.total_tokens
@@ -103,9 +113,12 @@ class _Run:
 
     turn: BegunTurn
     model: str
-    recorder: TurnRecorder = field(default_factory=TurnRecorder)
+    recorder: TurnRecorder = field(init=False)
     streamed_text: list[str] | None = None  # streamed runs: the text as sent, partial answers included
     started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.recorder = TurnRecorder(self.model)
 
     @property
     def content(self) -> str:
@@ -150,26 +163,32 @@ class TurnService:
 
     async def begin(self, request: TurnRequest) -> BegunTurn:
         try:
-            return await self.db.run(lambda c: turn_store.begin_turn(c, request, self._policy))
-        except IntegrityError:
-            if request.idempotency_key is None:
-                raise
-            # The same key's first use raced this one and won: begin again to find what it stored.
-            return await self.db.run(lambda c: turn_store.begin_turn(c, request, self._policy))
+            try:
+                return await self.db.run(lambda c: turn_store.begin_turn(c, request, self._policy))
+            except IntegrityError:
+                if request.idempotency_key is None:
+                    raise
+                # The same key's first use raced this one and won: begin again to find what it stored.
+                return await self.db.run(lambda c: turn_store.begin_turn(c, request, self._policy))
+        except ServiceError as refused:  # busy, over a limit, the database away, ...
+            metrics.turn_refused(refused)
+            raise
 
     async def run(self, turn: BegunTurn, request_id: str | None = None) -> TurnCompleted:
-        """The whole turn for one JSON answer; raises the turn's ServiceError (its reply is stored)."""
+        """The whole turn for one JSON answer; raises the turn's ServiceError (its reply is stored).
+
+        `request_id` (default: the current request's) goes with every MCP call of the turn."""
         if turn.replay is not None:
             return _replayed(turn)
         attempt = _Run(turn, self.settings.model_name)
-        event = await self._attempt(attempt, request_id, None)
+        event = await self._attempt(attempt, request_id or current_request_id(), None)
         if isinstance(event, TurnError):
             raise event.error
         return event
 
     def stream(self, turn: BegunTurn, request_id: str | None = None) -> TurnStream:
         """The turn as events, for a streaming front door; the front door must `aclose()` it."""
-        return TurnStream(self, turn, request_id)
+        return TurnStream(self, turn, request_id or current_request_id())
 
     async def abandon(self, turn: BegunTurn) -> None:
         """A begun turn that will never run (its client left first): store it aborted, free the lease."""
@@ -286,18 +305,40 @@ class TurnService:
         except asyncio.CancelledError:
             await asyncio.shield(store)  # cancelled again while storing: finish storing, then go
             raise
-        # One line per turn: enough to follow latency, cost and failures without logging content.
+        usage = outcome.usage
+        metrics.turn_finished(status.value, error_code, outcome.duration_ms / 1000, outcome.model, usage)
+        # One line per turn: enough to follow latency, cost and failures without logging content. The
+        # fields are in the text for people and in `extra` for LOG_FORMAT=json. User ids are logged as
+        # they are: the identity provider's opaque ids, not secrets, and what a support request quotes.
+        fields = {
+            "conversation_id": str(turn.conversation_id),
+            "message_id": str(turn.assistant_message_id),
+            "user_id": turn.user_id,
+            "model": outcome.model,
+            "outcome": status.value,
+            "error_code": error_code,
+            "duration_ms": outcome.duration_ms,
+            "input_tokens": usage["input_tokens"],
+            "output_tokens": usage["output_tokens"],
+            "tool_count": len(outcome.tool_calls),
+            "stored": stored,
+        }
         log.info(
-            "turn conversation=%s message=%s status=%s%s model=%s duration_ms=%d tokens=%d tools=%s%s",
-            turn.conversation_id,
-            turn.assistant_message_id,
+            "turn conversation=%s message=%s user=%s outcome=%s%s model=%s duration_ms=%d tokens_in=%d tokens_out=%d "
+            "tools=%d(%s)%s",
+            fields["conversation_id"],
+            fields["message_id"],
+            turn.user_id,
             status.value,
             f" code={error_code}" if error_code else "",
             outcome.model,
             outcome.duration_ms,
-            outcome.usage["total_tokens"],
+            usage["input_tokens"],
+            usage["output_tokens"],
+            len(outcome.tool_calls),
             ",".join(call["name"] for call in outcome.tool_calls) or "-",
             "" if stored else " (not stored: the lease was taken over)",
+            extra=fields,
         )
         return stored
 

@@ -8,10 +8,18 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine, text
 
+from tests.support import seed
 from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
 NOT_FOUND = {"detail": "Conversation not found", "code": "not_found"}
+
+
+def error_body(response: httpx.Response) -> dict[str, Any]:
+    """An error body without its `request_id` (checked: the response's X-Request-ID), for comparing."""
+    body: dict[str, Any] = response.json()
+    assert body.pop("request_id") == response.headers["x-request-id"]
+    return body
 
 
 def user_input(message: str, attachments: list[str] | None = None) -> dict[str, Any]:
@@ -73,15 +81,8 @@ def deltas(events: list[dict[str, Any]]) -> list[str]:
 
 
 def stored(engine: Engine, conversation_id: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT id, role, content, status, error_code, tool_calls FROM message"
-                " WHERE conversation_id = :c ORDER BY seq"
-            ),
-            {"c": conversation_id},
-        )
-        return [{**row._mapping, "id": str(row.id)} for row in rows]
+    rows = seed.stored_messages(engine, conversation_id, "id, role, content, status, error_code, tool_calls")
+    return [{**row, "id": str(row["id"])} for row in rows]
 
 
 def count(engine: Engine, table: str) -> int:

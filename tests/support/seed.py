@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlmodel import Session
 
 from backend.models import Conversation, Message
@@ -33,3 +34,12 @@ def conversation(
             )
         session.commit()
         return conv.id
+
+
+def stored_messages(engine: Engine, conversation_id: object, columns: str) -> list[dict[str, Any]]:
+    """A conversation's message rows as stored, oldest first: `columns` is a SELECT list."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(f"SELECT {columns} FROM message WHERE conversation_id = :c ORDER BY seq"), {"c": conversation_id}
+        )
+        return [dict(row._mapping) for row in rows]

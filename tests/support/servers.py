@@ -16,6 +16,23 @@ import httpx
 import uvicorn
 
 
+def process_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a production-mode `chat-backend` process under test: test secrets, the
+    offline model, quiet logs; `extra` adds or overrides variables."""
+    from tests.conftest import TEST_MCP_SECRET
+    from tests.support.tokens import TEST_AUTH_SECRET
+
+    return {
+        "APP_ENV": "production",
+        "DATABASE_URL": database_url,
+        "AUTH_SECRET": TEST_AUTH_SECRET,
+        "MCP_TOKEN_SECRET": TEST_MCP_SECRET,
+        "CHAT_MODEL": "offline",
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
