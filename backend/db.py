@@ -67,9 +67,13 @@ def is_unavailable(error: BaseException) -> bool:
 class Database:
     """Runs units of work off the event loop, each in a transaction of its own, within a time bound."""
 
-    def __init__(self, engine: Engine, timeout: float) -> None:
+    def __init__(self, engine: Engine, timeout: float, connections: int | None = None) -> None:
         self.engine = engine
         self.timeout = timeout
+        # At most as many units in worker threads as the pool has connections: under load the rest
+        # wait here, outside the time bound, instead of piling into threads that contend for the
+        # GIL and the pool (which made a slow event loop look like a stalled database: 503s).
+        self._slots = asyncio.Semaphore(connections) if connections else None
 
     async def run(self, work: Callable[[Connection], T], *, within: float | None = None) -> T:
         """`work(connection)` in one transaction, committed before this returns.
@@ -85,8 +89,10 @@ class Database:
 
     async def _bounded(self, unit: Callable[[Callable[[W], T]], T], work: Callable[[W], T], within: float | None) -> T:
         try:
-            async with asyncio.timeout(within or self.timeout):
-                return await anyio.to_thread.run_sync(unit, work, abandon_on_cancel=True)
+            if self._slots is None:
+                return await self._run(unit, work, within)
+            async with self._slots:
+                return await self._run(unit, work, within)
         except TimeoutError:
             log.warning("database did not answer within %.1f s", within or self.timeout)
             raise DatabaseUnavailable() from None
@@ -98,6 +104,10 @@ class Database:
         except exc.TimeoutError:
             log.warning("database pool exhausted: no free connection in time")
             raise DatabaseUnavailable() from None
+
+    async def _run(self, unit: Callable[[Callable[[W], T]], T], work: Callable[[W], T], within: float | None) -> T:
+        async with asyncio.timeout(within or self.timeout):
+            return await anyio.to_thread.run_sync(unit, work, abandon_on_cancel=True)
 
     def _transaction(self, work: Callable[[Connection], T]) -> T:
         with self.engine.begin() as connection:

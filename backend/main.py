@@ -39,6 +39,14 @@ def configure_process(settings: Settings) -> None:
     # Logging is the entry point's (backend/logging_setup.py), not the app's.
 
 
+async def warm_routes(app: FastAPI) -> None:
+    """FastAPI builds each router's routes on the first request that walks them: one request that
+    matches nothing walks them all, at start-up instead of in a user's request."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://warm-up") as client:
+        await client.get("/.warm-up")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -52,6 +60,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await warm_up(settings)
+        # The first connection runs SQLAlchemy's dialect set-up (several queries): here, not in a turn.
+        # Not required: a database that is not up yet is reached on the first request instead.
+        await db.ping(within=2.0)
+        await warm_routes(app)
         yield
         await app.state.http.aclose()
         await tools.aclose()
@@ -65,7 +77,7 @@ def create_app(
         lifespan=lifespan,
     )
     engine = make_engine(settings)
-    db = Database(engine, settings.db_timeout_seconds)
+    db = Database(engine, settings.db_timeout_seconds, settings.db_pool_size + settings.db_max_overflow)
     tools = TaskServer(settings)
     turns = TurnService(db, settings, model_factory or (lambda: make_model(settings)), tools)
     app.state.settings = settings

@@ -30,19 +30,13 @@ from pathlib import Path
 import httpx
 import psycopg2
 
-from backend.cli import migrate, mint_user_token
-from backend.config import Settings
-from backend.pgserver import start_embedded, tcp_reachable, with_database
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # one way to start and wait for processes: tests/support/servers.py
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from backend.cli import migrate, mint_user_token  # noqa: E402
+from backend.config import Settings  # noqa: E402
+from backend.pgserver import start_embedded, tcp_reachable, with_database  # noqa: E402
+from tests.support.servers import free_port, wait_http  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -63,19 +57,6 @@ def server_url() -> str:
     if tcp_reachable("127.0.0.1", 5432):
         return "postgresql://postgres@127.0.0.1:5432/postgres"
     return start_embedded(ROOT / ".data" / "bench")
-
-
-def wait(url: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(400):
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{url} did not come up")
 
 
 async def sequential(http: httpx.AsyncClient, headers: dict[str, str], turns: int) -> None:
@@ -217,8 +198,8 @@ def main() -> None:
         for cmd in ("mcp", "serve")
     ]
     try:
-        wait(f"http://127.0.0.1:{mcp_port}/health", procs[0])
-        wait(f"http://127.0.0.1:{api_port}/health", procs[1])
+        wait_http(f"http://127.0.0.1:{mcp_port}/health", proc=procs[0])
+        wait_http(f"http://127.0.0.1:{api_port}/health", proc=procs[1])
         print(f"stack: offline model, PostgreSQL {admin.split('@')[-1]}, {os.cpu_count()} cores")
         asyncio.run(run(args, f"http://127.0.0.1:{api_port}", settings))
     finally:

@@ -90,7 +90,9 @@ async def http(stack_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_rename_and_delete_are_committed_before_the_response(stack_settings: Settings, engine: Engine) -> None:
     """On one keep-alive connection, a GET right after a 2xx PATCH/DELETE sees it."""
-    with serve_in_thread(create_app(stack_settings)) as base:
+    # 31 turns of one user: on a fast machine they would meet the per-minute turn limit (tests/test_limits.py).
+    settings = stack_settings.model_copy(update={"user_turns_per_minute": 0})
+    with serve_in_thread(create_app(settings)) as base:
         async with httpx.AsyncClient(base_url=base, headers=ALICE, timeout=30) as http:
             cid = (await chat(http, "hello")).json()["conversation_id"]
             stale = 0

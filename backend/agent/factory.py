@@ -8,6 +8,7 @@ act for travels with each turn (see mcp_client).
 from __future__ import annotations
 
 import logging
+from functools import cache
 from typing import Any
 
 from agents import Agent, Model, ModelSettings, RunConfig, Runner, retry_policies
@@ -50,6 +51,7 @@ def make_model(settings: Settings) -> Model:
     )
 
 
+@cache  # once per process: Logger.setLevel clears every logger's level cache, per turn it showed in profiles
 def _quiet_litellm() -> None:
     """LiteLLM prints a help banner per error and logs provider bodies (which may echo a key or the
     user's text); the turn's own one-line warning says what failed (see agent/failures.describe)."""
@@ -92,15 +94,44 @@ def build_agent(settings: Settings, model: Model, tools: MCPServer) -> Agent[Any
     )
 
 
+def _warm_openai_types() -> None:
+    """The OpenAI SDK imports its chat resource on first use and builds its response models' validators
+    on first parse (~50 ms); LiteLLM's OpenAI-compatible providers parse every answer with them."""
+    from openai.resources.chat import AsyncChat  # noqa: F401
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "content": "warm", "tool_calls": [call]}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    common = {"id": "warm", "created": 0, "model": "warm", "usage": usage}
+    choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+    ChatCompletion.model_validate({**common, "object": "chat.completion", "choices": [choice]})
+    delta = {"index": 0, "delta": {"content": "warm", "tool_calls": [{"index": 0, **call}]}, "finish_reason": None}
+    ChatCompletionChunk.model_validate({**common, "object": "chat.completion.chunk", "choices": [delta]})
+
+
 async def warm_up(settings: Settings) -> None:
     """Pay one-time costs at start-up instead of in the first user's turn: LiteLLM's import (~2 s)
-    when a LiteLLM model is configured, jsonschema, and the SDK's run machinery and response models
-    (one run of the offline model each way, streamed and not, without tools)."""
+    and its first completion (lazy imports, response models built on first use), jsonschema, the
+    SDK's run machinery, and anyio's worker-thread runner (every database unit of work uses it).
+
+    With a LiteLLM model configured, the warm-up runs that model through LiteLLM's own completion
+    path, streamed and not, with `mock_response` (no network); otherwise the offline model.
+    """
+    import anyio.to_thread
     import jsonschema.validators  # noqa: F401  (the MCP client checks tool schemas with it)
 
+    await anyio.to_thread.run_sync(lambda: None)
+    model: Model = OfflineModel()
+    warm = ModelSettings()
     if settings.model_name != OFFLINE_MODEL:
-        make_model(settings)
-    agent: Agent[Any] = Agent(name="warm-up", model=OfflineModel())
+        _warm_openai_types()
+        # Imported by LiteLLM's provider timing on the first real request (mock responses skip it).
+        import litellm._service_logger  # noqa: F401
+
+        model = make_model(settings)
+        warm = ModelSettings(include_usage=True, extra_args={"mock_response": "warm"})
+    agent: Agent[Any] = Agent(name="warm-up", model=model, model_settings=warm)
     await Runner.run(agent, "warm up", run_config=run_config(settings))
     async for _ in Runner.run_streamed(agent, "warm up", run_config=run_config(settings)).stream_events():
         pass

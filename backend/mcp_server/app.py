@@ -64,7 +64,7 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 
 def create_mcp_app(settings: Settings) -> Starlette:
     """The whole MCP server process as one ASGI app (what `chat-backend mcp` serves)."""
-    db = Database(make_engine(settings), settings.db_timeout_seconds)
+    db = Database(make_engine(settings), settings.db_timeout_seconds, settings.db_pool_size + settings.db_max_overflow)
     server: MCPServer[Any] = MCPServer(
         name="chat-backend-tasks",
         version=__version__,

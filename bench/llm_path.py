@@ -1,0 +1,486 @@
+"""Benchmark: the backend's own cost per turn through the real LiteLLM path, every figure of issue 11.
+
+Starts three real processes on loopback: the OpenAI-protocol stub (bench/stub_llm.py, answering at
+once, so only the backend's work counts), `chat-backend mcp`, and `chat-backend serve` with
+`CHAT_MODEL=openai/bench` and `MODEL_API_BASE` on the stub, on a fresh database (created on the
+PostgreSQL at DATABASE_URL's server, else 127.0.0.1:5432, migrated, dropped at the end). The per-user
+turn limit is raised (not switched off, so its statements still run) and every conversation has a
+user of its own, as in real traffic. The load generator is httpx in this process.
+
+    .venv/bin/python bench/llm_path.py [--quick] [--profile]
+
+CPU figures come from /proc/<pid>/stat (utime+stime, the whole process tree) of the API and the MCP
+server; they are the robust ones on a shared machine. Wall-clock figures (throughput, latencies) move
+with whatever else runs. `--profile` records the API process with py-spy during the 20-concurrent
+phase and prints where the profile was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # one way to start and wait for processes: tests/support/servers.py
+
+from backend.cli import migrate, mint_user_token  # noqa: E402
+from backend.config import Settings  # noqa: E402
+from backend.pgserver import tcp_reachable, with_database  # noqa: E402
+from tests.support.servers import free_port, run_process, wait_http  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+PY_SPY = str(next((p for p in [Path(sys.executable).parent / "py-spy"] if p.exists()), "py-spy"))
+TOOL = "add task {i}"  # the stub calls add_task, then summarises its result: two model calls, one tool call
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU of `root` and its live descendants, plus what reaped children used."""
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with suppress(OSError):
+                stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if (stat := stats.get(pid)) is not None:
+            total += sum(int(value) for value in stat[11:15])  # utime stime cutime cstime
+        todo.extend(children.get(pid, []))
+    return total / TICK
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Figure:
+    figure: str
+    value: str
+    goal: str
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[Figure] = []
+
+    def add(self, figure: str, value: str, goal: str = "") -> None:
+        self.rows.append(Figure(figure, value, goal))
+        print(f"  {figure}: {value}", flush=True)
+
+    def table(self) -> str:
+        head = Figure("figure", "value", "goal")
+        widths = [max(len(getattr(r, f)) for r in [head, *self.rows]) for f in ("figure", "value", "goal")]
+        lines = []
+        for i, row in enumerate([head, *self.rows]):
+            cells = [getattr(row, f).ljust(w) for f, w in zip(("figure", "value", "goal"), widths, strict=True)]
+            lines.append("| " + " | ".join(cells) + " |")
+            if i == 0:
+                lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        return "\n".join(lines)
+
+
+# --- the stack ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    base: str
+    api: subprocess.Popen[bytes]
+    mcp: subprocess.Popen[bytes]
+    settings: Settings
+    admin: str
+    database: str
+    tokens: dict[str, dict[str, str]]
+
+    def auth(self, user: str) -> dict[str, str]:
+        if user not in self.tokens:
+            self.tokens[user] = {"Authorization": f"Bearer {mint_user_token(self.settings, user, 3600)}"}
+        return self.tokens[user]
+
+    def sql(self, statement: str, params: Any = None) -> None:
+        conn = psycopg2.connect(with_database(self.admin, self.database).replace("+psycopg2", ""))
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(statement, params)
+        finally:
+            conn.close()
+
+
+def admin_url() -> str:
+    if url := os.environ.get("DATABASE_URL"):
+        return url.replace("postgresql+psycopg2://", "postgresql://")
+    if tcp_reachable("127.0.0.1", 5432):
+        return "postgresql://postgres@127.0.0.1:5432/postgres"
+    raise SystemExit("no PostgreSQL: set DATABASE_URL to a server this benchmark may create a database on")
+
+
+@contextmanager
+def stub(port: int) -> Iterator[None]:
+    args = [sys.executable, str(ROOT / "bench" / "stub_llm.py"), "--port", str(port), "--chunk-per-word"]
+    proc = subprocess.Popen(args)  # noqa: S603
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        # A hosted model is never cold: keep the stub's own first requests out of "first turn after start".
+        for stream in (False, True):
+            body = {"model": "bench", "messages": [{"role": "user", "content": "hello"}], "stream": stream}
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30).raise_for_status()
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def environment(database_url: str, stub_port: int, mcp_port: int, api_port: int) -> dict[str, str]:
+    return {
+        "APP_ENV": "production",
+        "DATABASE_URL": database_url,
+        "AUTH_SECRET": "bench-secret-" + "x" * 32,
+        "MCP_TOKEN_SECRET": "bench-mcp-secret-" + "x" * 32,
+        "CHAT_MODEL": "openai/bench",
+        "MODEL_API_BASE": f"http://127.0.0.1:{stub_port}/v1",
+        "MODEL_API_KEY": "sk-bench",
+        "MCP_URL": f"http://127.0.0.1:{mcp_port}/mcp",
+        "API_PORT": str(api_port),
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+        # Raised, not off: the limit's statements run in every turn as they do in production.
+        "USER_TURNS_PER_MINUTE": "1000000",
+    }
+
+
+# --- load -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    turns: int
+    errors: int
+    wall: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.turns / self.wall
+
+    def describe(self) -> str:
+        ms = self.latencies or [0.0]
+        return (
+            f"{self.rate:.1f} turns/s, p50 {statistics.median(ms) / 1000:.2f} s, p99 {pct(ms, 0.99) / 1000:.2f} s, "
+            f"errors {self.errors}/{self.turns}"
+        )
+
+
+async def conversations(stack: Stack, users: int, rounds: int, tag: str) -> Load:
+    """`users` conversations (one user each) sending `rounds` turns at once, round after round."""
+    limits = httpx.Limits(max_connections=users, max_keepalive_connections=users)
+    headers = [stack.auth(f"{tag}-{i}") for i in range(users)]
+    cids: list[str | None] = [None] * users
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=stack.base, timeout=120, limits=limits) as http:
+
+        async def one(i: int, r: int) -> None:
+            nonlocal errors
+            start = time.perf_counter()
+            try:
+                body = {"message": TOOL.format(i=f"{r} of {i}"), "conversation_id": cids[i]}
+                response = await http.post("/api/chat", json=body, headers=headers[i])
+            except httpx.HTTPError as exc:
+                errors += 1
+                print(f"    request failed: {exc!r}")
+                return
+            latencies.append((time.perf_counter() - start) * 1000)
+            if response.status_code == 200:
+                cids[i] = response.json()["conversation_id"]
+            else:
+                errors += 1
+                if errors <= 3:
+                    print(f"    {response.status_code}: {response.text[:200]}")
+
+        start = time.perf_counter()
+        for r in range(rounds):
+            await asyncio.gather(*(one(i, r) for i in range(users)))
+        wall = time.perf_counter() - start
+    return Load(users * rounds, errors, wall, latencies)
+
+
+async def chat(http: httpx.AsyncClient, stack: Stack, user: str, message: str, cid: str | None = None) -> str:
+    response = await http.post("/api/chat", json={"message": message, "conversation_id": cid}, headers=stack.auth(user))
+    response.raise_for_status()
+    return str(response.json()["conversation_id"])
+
+
+async def timed(work: Awaitable[Any]) -> float:
+    start = time.perf_counter()
+    await work
+    return (time.perf_counter() - start) * 1000
+
+
+async def api_cpu_ms(stack: Stack, work: Awaitable[Any]) -> float:
+    before = cpu_seconds(stack.api.pid)
+    await work
+    return (cpu_seconds(stack.api.pid) - before) * 1000
+
+
+# --- the figures ----------------------------------------------------------------------------------------
+
+
+async def first_and_warm(stack: Stack, report: Report) -> None:
+    async with httpx.AsyncClient(base_url=stack.base, timeout=120) as http:
+        first = await timed(chat(http, stack, "first", TOOL.format(i="first")))
+        warm = [await timed(chat(http, stack, "first", TOOL.format(i=i))) for i in range(7)]
+    warm_ms = statistics.median(warm[2:])
+    report.add(
+        "first turn after start vs a warm turn (tool turn, wall)",
+        f"{first:.0f} vs {warm_ms:.0f} ms ({first / warm_ms:.1f}×)",
+        "≤ 3×",
+    )
+
+
+async def serial(stack: Stack, report: Report, n: int) -> None:
+    async with httpx.AsyncClient(base_url=stack.base, timeout=120) as http:
+        cid = await chat(http, stack, "serial", "hello")
+        plain, tool = [], []
+        for i in range(n):
+            plain.append(await timed(chat(http, stack, "serial", f"hello {i}", cid)))
+            tool.append(await timed(chat(http, stack, "serial", f"preamble add serial {i}", cid)))
+    report.add(
+        "serial turn p50, plain / one tool call",
+        f"{statistics.median(plain):.1f} / {statistics.median(tool):.1f} ms",
+        "≤ 15 / ≤ 25 ms",
+    )
+
+
+def py_spy(pid: int, fmt: str, out: Path) -> subprocess.Popen[bytes]:
+    args = [PY_SPY, "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "-o", str(out)]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL)  # noqa: S603
+
+
+async def cpu_per_turn(stack: Stack, report: Report, rounds: int, profile: Path | None, fmt: str) -> None:
+    await conversations(stack, 20, 1, "c20")  # each user's first turn (new conversation) out of the figure
+    spy = None
+    if profile is not None:
+        out = profile / ("api." + {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[fmt])
+        spy = py_spy(stack.api.pid, fmt, out)
+        await asyncio.sleep(1.0)  # py-spy attaches
+    api0, mcp0 = cpu_seconds(stack.api.pid), cpu_seconds(stack.mcp.pid)
+    load = await conversations(stack, 20, rounds, "c20")
+    api, mcp = (cpu_seconds(stack.api.pid) - api0) * 1000, (cpu_seconds(stack.mcp.pid) - mcp0) * 1000
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+        print(f"  profile of the API process: {out}")
+    n = load.turns
+    report.add(
+        "CPU per turn, API + MCP, 20 concurrent (tool turns)",
+        f"{(api + mcp) / n:.1f} ms (API {api / n:.1f}, MCP {mcp / n:.1f}; {load.rate:.1f} turns/s)",
+        "≤ 18 ms",
+    )
+
+
+async def streamed_token(stack: Stack, report: Report, big: int, reps: int) -> None:
+    async def stream(words: int) -> int:
+        tokens = 0
+        body = {"message": f"say {words} words"}
+        async with http.stream("POST", "/api/chat/stream", json=body, headers=stack.auth("stream")) as response:
+            async for line in response.aiter_lines():
+                if line.startswith('data: {"type":"token"'):
+                    tokens += 1
+        return tokens
+
+    async def measure(words: int) -> tuple[float, float, int]:
+        cpu0, start = cpu_seconds(stack.api.pid), time.perf_counter()
+        tokens = await stream(words)
+        return (cpu_seconds(stack.api.pid) - cpu0) * 1000, (time.perf_counter() - start) * 1000, tokens
+
+    async with httpx.AsyncClient(base_url=stack.base, timeout=120) as http:
+        await stream(big)
+        small = [await measure(10) for _ in range(reps)]
+        large = [await measure(big) for _ in range(reps)]
+    small_cpu, small_wall, small_n = (
+        statistics.mean(m[0] for m in small),
+        statistics.median(m[1] for m in small),
+        small[0][2],
+    )
+    big_cpu, big_wall, big_n = statistics.mean(m[0] for m in large), statistics.median(m[1] for m in large), large[0][2]
+    per_cpu = (big_cpu - small_cpu) / (big_n - small_n)
+    per_wall = (big_wall - small_wall) / (big_n - small_n)
+    report.add(
+        "streamed token, added by the backend (API CPU / wall)",
+        f"{per_cpu:.3f} / {per_wall:.3f} ms ({big_n} vs {small_n} tokens)",
+        "≤ 0.3 ms",
+    )
+
+
+async def long_answer(stack: Stack, report: Report, reps: int) -> None:
+    async with httpx.AsyncClient(base_url=stack.base, timeout=120) as http:
+        await chat(http, stack, "long", "say 1500 words")
+        small = [await api_cpu_ms(stack, chat(http, stack, "long", "say 10 words")) for _ in range(reps)]
+        big = [await api_cpu_ms(stack, chat(http, stack, "long", "say 1500 words")) for _ in range(reps)]
+    small_ms, big_ms = statistics.mean(small), statistics.mean(big)
+    report.add(
+        "POST /api/chat API CPU, 1500-word vs 10-word answer",
+        f"{big_ms:.1f} vs {small_ms:.1f} ms ({big_ms / small_ms:.1f}×)",
+        "within 2×",
+    )
+
+
+SEED = """
+WITH c AS (
+    INSERT INTO conversation (id, user_id, title, created_at, updated_at, last_seq, message_count)
+    SELECT gen_random_uuid(), %(user)s, 'seeded ' || i, now(), now() - i * interval '1 second', %(n)s, %(n)s
+    FROM generate_series(1, %(conversations)s) AS i
+    RETURNING id
+)
+INSERT INTO message (id, conversation_id, user_id, seq, role, content, status, tool_calls, completed_answers,
+                     reply_to, created_at)
+SELECT gen_random_uuid(), c.id, %(user)s, s, CASE WHEN s %% 2 = 1 THEN 'user' ELSE 'assistant' END,
+       'seeded message ' || s, 'complete', '[]'::jsonb, 0, NULL, now()
+FROM c, generate_series(1, %(n)s) AS s
+"""
+
+
+async def listing(stack: Stack, report: Report, reps: int) -> None:
+    stack.sql(SEED, {"user": "list-small", "conversations": 20, "n": 2})
+    stack.sql(SEED, {"user": "list-big", "conversations": 20, "n": 5000})
+    stack.sql("ANALYZE")
+    async with httpx.AsyncClient(base_url=stack.base, timeout=120) as http:
+
+        async def get(user: str) -> None:
+            response = await http.get("/api/conversations", params={"limit": 20}, headers=stack.auth(user))
+            response.raise_for_status()
+            assert len(response.json()["data"]) == 20
+
+        for user in ("list-small", "list-big"):
+            await get(user)
+        small = [await timed(get("list-small")) for _ in range(reps)]
+        big = [await timed(get("list-big")) for _ in range(reps)]
+    report.add(
+        "GET /api/conversations (20), 2 vs 5,000 messages each, p50",
+        f"{statistics.median(small):.1f} vs {statistics.median(big):.1f} ms",
+        "≤ 2×, flat",
+    )
+
+
+async def long_conversation(stack: Stack, report: Report, reps: int) -> None:
+    stack.sql(SEED, {"user": "long-conv", "conversations": 1, "n": 10_000})
+    async with httpx.AsyncClient(base_url=stack.base, timeout=120) as http:
+        response = await http.get("/api/conversations", headers=stack.auth("long-conv"))
+        old = response.json()["data"][0]["id"]
+        new = await chat(http, stack, "long-conv", "hello")
+        for cid in (old, new):
+            await chat(http, stack, "long-conv", "hello", cid)
+        cpu_old = [await api_cpu_ms(stack, chat(http, stack, "long-conv", "hello", old)) for _ in range(reps)]
+        cpu_new = [await api_cpu_ms(stack, chat(http, stack, "long-conv", "hello", new)) for _ in range(reps)]
+        wall_old = [await timed(chat(http, stack, "long-conv", "hello", old)) for _ in range(reps)]
+        wall_new = [await timed(chat(http, stack, "long-conv", "hello", new)) for _ in range(reps)]
+    report.add(
+        "plain turn in a 10,000-message vs a new conversation (API CPU; wall p50)",
+        f"{statistics.mean(cpu_old):.1f} vs {statistics.mean(cpu_new):.1f} ms; "
+        f"{statistics.median(wall_old):.1f} vs {statistics.median(wall_new):.1f} ms",
+        "the same",
+    )
+
+
+async def throughput(stack: Stack, report: Report, label: str, sizes: tuple[int, int, int], big: int) -> None:
+    users, rounds = sizes[0], sizes[1]
+    await conversations(stack, 10, 1, f"warm-{label}")
+    load = await conversations(stack, users, rounds, f"t{users}-{label}")
+    report.add(f"{users} concurrent × {rounds} turns, {label}", load.describe(), "≥ 45 turns/s, p99 ≤ 3 s, 0 errors")
+    load = await conversations(stack, big, sizes[2], f"t{big}-{label}")
+    report.add(f"{big} concurrent × {sizes[2]} turn(s), {label}", load.describe(), "0 errors, p99 ≤ 12 s")
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def api(env: dict[str, str], workers: int, api_port: int) -> Iterator[subprocess.Popen[bytes]]:
+    with run_process(
+        ["serve"], {**env, "WEB_CONCURRENCY": str(workers)}, f"http://127.0.0.1:{api_port}/health"
+    ) as proc:
+        yield proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small counts: a sanity run of a minute or so")
+    parser.add_argument("--profile", action="store_true", help="py-spy the API during the 20-concurrent phase")
+    parser.add_argument("--profile-format", choices=["flamegraph", "speedscope", "raw"], default="flamegraph")
+    args = parser.parse_args()
+    quick = args.quick
+
+    admin = admin_url()
+    database = f"chat_llmbench_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(admin)
+    conn.autocommit = True
+    conn.cursor().execute(f'CREATE DATABASE "{database}"')
+    stub_port, mcp_port, api_port = free_port(), free_port(), free_port()
+    env = environment(with_database(admin, database), stub_port, mcp_port, api_port)
+    settings = Settings(_env_file=None, database_url=env["DATABASE_URL"], auth_secret=env["AUTH_SECRET"])  # type: ignore[call-arg]
+    profile = Path(tempfile.mkdtemp(prefix="llm-path-profile-")) if args.profile else None
+    report = Report()
+    try:
+        migrate(settings)
+        with (
+            stub(stub_port),
+            run_process(["mcp"], env, f"http://127.0.0.1:{mcp_port}/health") as mcp,
+        ):
+            print(f"stack: LiteLLM openai/bench -> stub, PostgreSQL {admin.split('@')[-1]}, {os.cpu_count()} cores")
+            print("API with WEB_CONCURRENCY=1:")
+            with api(env, 1, api_port) as proc:
+                stack = Stack(f"http://127.0.0.1:{api_port}", proc, mcp, settings, admin, database, {})
+
+                async def one_worker() -> None:
+                    await first_and_warm(stack, report)
+                    await serial(stack, report, 8 if quick else 30)
+                    await cpu_per_turn(stack, report, 3 if quick else 10, profile, args.profile_format)
+                    await streamed_token(stack, report, 1000 if quick else 2000, 3 if quick else 6)
+                    await long_answer(stack, report, 4 if quick else 10)
+                    await listing(stack, report, 20 if quick else 50)
+                    await long_conversation(stack, report, 4 if quick else 10)
+                    await throughput(
+                        stack, report, "1 worker", (40, 2, 1) if quick else (100, 3, 1), 120 if quick else 400
+                    )
+
+                asyncio.run(one_worker())
+            workers = settings.workers
+            if workers > 1:
+                print(f"API with the default workers ({workers}):")
+                with api(env, workers, api_port) as proc:
+                    stack = Stack(f"http://127.0.0.1:{api_port}", proc, mcp, settings, admin, database, {})
+                    label = f"{workers} workers"
+                    sizes = (40, 2, 1) if quick else (100, 3, 1)
+                    asyncio.run(throughput(stack, report, label, sizes, 120 if quick else 400))
+    finally:
+        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        conn.close()
+    print()
+    print(report.table())
+
+
+if __name__ == "__main__":
+    main()
