@@ -71,8 +71,9 @@ class Database:
         self.engine = engine
         self.timeout = timeout
         # At most as many units in worker threads as the pool has connections: under load the rest
-        # wait here, outside the time bound, instead of piling into threads that contend for the
-        # GIL and the pool (which made a slow event loop look like a stalled database: 503s).
+        # wait here instead of piling into threads that contend for the GIL and the pool (which made
+        # a slow event loop look like a stalled database: 503s). The wait has its own bound, so a
+        # stalled database still answers every request within twice the unit's bound.
         self._slots = asyncio.Semaphore(connections) if connections else None
 
     async def run(self, work: Callable[[Connection], T], *, within: float | None = None) -> T:
@@ -91,8 +92,12 @@ class Database:
         try:
             if self._slots is None:
                 return await self._run(unit, work, within)
-            async with self._slots:
+            async with asyncio.timeout(within or self.timeout):
+                await self._slots.acquire()
+            try:
                 return await self._run(unit, work, within)
+            finally:
+                self._slots.release()
         except TimeoutError:
             log.warning("database did not answer within %.1f s", within or self.timeout)
             raise DatabaseUnavailable() from None

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -114,3 +115,29 @@ def test_a_stalled_database_is_503_within_the_bound_and_service_comes_back(
             server.resume()
         _until(lambda: http.get("/api/conversations").status_code == 200, 20)
         assert http.post("/api/chat", json={"message": "still here?"}).status_code == 200
+
+
+def test_requests_queued_behind_a_stalled_database_are_503_within_twice_the_bound(
+    private_pg: PrivateServer,
+) -> None:
+    """One connection slot, six requests at once: those waiting for the slot give up within the bound
+    too, instead of each waiting its turn behind the stalled ones."""
+    settings = make_settings(
+        private_pg.database(f"faults_{uuid.uuid4().hex[:8]}"), db_timeout_seconds=2.0, db_pool_size=1, db_max_overflow=0
+    )
+    migrate(settings)
+    with serve_in_thread(create_app(with_free_mcp_port(settings))) as base:
+        assert httpx.get(f"{base}/api/conversations", headers=ALICE).status_code == 200
+        private_pg.stall()
+        try:
+            started = time.monotonic()
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(
+                    pool.map(lambda _: httpx.get(f"{base}/api/conversations", headers=ALICE, timeout=60), range(6))
+                )
+            waited = time.monotonic() - started
+        finally:
+            private_pg.resume()
+        for response in answers:
+            _unavailable(response)
+        assert waited < 2 * settings.db_timeout_seconds + 3, waited  # one after the other would be 6 x 2 s
