@@ -11,8 +11,7 @@ import logging
 from functools import cache
 from typing import Any
 
-from agents import Agent, Model, ModelSettings, RunConfig, Runner, retry_policies
-from agents.mcp import MCPServer
+from agents import Agent, Model, ModelSettings, RunConfig, Runner, Tool, retry_policies
 from agents.retry import ModelRetryBackoffSettings, ModelRetrySettings
 
 from backend.agent.offline import OfflineModel
@@ -84,13 +83,14 @@ def run_config(settings: Settings) -> RunConfig:
     return RunConfig(tracing_disabled=not settings.tracing_enabled)
 
 
-def build_agent(settings: Settings, model: Model, tools: MCPServer) -> Agent[Any]:
+def build_agent(settings: Settings, model: Model, tools: list[Tool]) -> Agent[Any]:
+    """A fresh agent per turn; `tools` are the task server's, shared (see TaskServer.function_tools)."""
     return Agent(
         name="Task assistant",
         instructions=INSTRUCTIONS,
         model=model,
         model_settings=model_settings(settings),
-        mcp_servers=[tools],
+        tools=tools,
     )
 
 

@@ -31,10 +31,10 @@ from typing import Any
 import anyio
 import httpx2
 import mcp_types
-from agents import RunContextWrapper
+from agents import RunContextWrapper, Tool
 from agents.agent import AgentBase
 from agents.mcp import MCPServer
-from agents.mcp.util import MCPToolMetaContext
+from agents.mcp.util import MCPToolMetaContext, MCPUtil
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -108,6 +108,9 @@ class TaskServer(MCPServer):
         )
         self._tools: list[mcp_types.Tool] | None = None
         self._listing = asyncio.Lock()
+        # The SDK's tools made from `_tools`, built once per listing rather than on every run: they
+        # hold no user or turn (each call reads TURN_CALL), so every turn's agent can share them.
+        self._function_tools: tuple[list[mcp_types.Tool], list[Tool]] | None = None
 
     @property
     def name(self) -> str:
@@ -134,6 +137,20 @@ class TaskServer(MCPServer):
     @property
     def cached_tools(self) -> list[mcp_types.Tool] | None:
         return self._tools
+
+    async def function_tools(self) -> list[Tool]:
+        """The task tools as the Agents SDK's tools (what `Agent(mcp_servers=[self])` would convert
+        on every run), listed and converted once; again after a transport failure drops the listing."""
+        await self.list_tools()
+        listed = self._tools
+        if listed is None:  # dropped by a concurrent failure: convert this listing anyway
+            listed = await self.list_tools()
+        if self._function_tools is None or self._function_tools[0] is not listed:
+            converted: list[Tool] = [
+                MCPUtil.to_function_tool(tool, self, convert_schemas_to_strict=False) for tool in listed
+            ]
+            self._function_tools = (listed, converted)
+        return self._function_tools[1]
 
     async def call_tool(
         self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None = None

@@ -257,7 +257,7 @@ class TurnService:
 
     async def _run_agent(self, attempt: _Run, emit: Emit | None) -> None:
         settings = self.settings
-        agent = build_agent(settings, self._model_factory(), self.tools)
+        agent = build_agent(settings, self._model_factory(), await self.tools.function_tools())
         items = history_items(attempt.turn.history)
         run = run_config(settings)
         if emit is None:
