@@ -64,6 +64,7 @@ def create_app(
         # Not required: a database that is not up yet is reached on the first request instead.
         await db.ping(within=2.0)
         await warm_routes(app)
+        await tools.prefetch(settings.resolved_mcp_secret())
         yield
         await app.state.http.aclose()
         await tools.aclose()

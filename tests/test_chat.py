@@ -21,10 +21,11 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
 from backend.config import Settings
+from backend.main import create_app
 from backend.mcp_server.app import create_mcp_app
 from tests.support import seed
 from tests.support.servers import wait_http
-from tests.support.stack import api_client, with_free_mcp_port
+from tests.support.stack import api_client, mcp_server, with_free_mcp_port
 from tests.support.tokens import auth
 
 ALICE, BOB = auth("alice"), auth("bob")
@@ -510,3 +511,26 @@ async def test_a_burst_on_one_conversation_runs_one_turn(
     (winner,) = [i for i, r in enumerate(responses) if r.status_code == 200]
     # Nothing interleaved: the refused messages were not stored.
     assert [m["content"] for m in messages(engine, cid)] == ["start", "first", f"message {winner}", "the one"]
+
+
+async def test_task_tools_are_listed_at_start_up_not_in_the_first_turn(stack_settings: Settings) -> None:
+    app = create_app(stack_settings)
+    async with api_client(stack_settings, app=app) as http:
+        tools = app.state.turns.tools
+        listed = tools.cached_tools
+        assert listed is not None and {t.name for t in listed} >= {"add_task", "list_tasks"}
+        converted = await tools.function_tools()
+        response = await http.post("/api/chat", json={"message": "add buy milk"}, headers=auth("alice"))
+        assert response.status_code == 200 and response.json()["tool_calls"][0]["name"] == "add_task"
+        assert tools.cached_tools is listed and await tools.function_tools() is converted  # not listed again
+
+
+async def test_an_mcp_server_down_at_start_up_is_listed_by_the_first_turn(settings: Settings) -> None:
+    settings = with_free_mcp_port(settings)  # nothing listens there yet
+    app = create_app(settings)
+    async with api_client(settings, app=app) as http:
+        assert app.state.turns.tools.cached_tools is None
+        with mcp_server(settings):
+            response = await http.post("/api/chat", json={"message": "add buy milk"}, headers=auth("alice"))
+        assert response.status_code == 200 and response.json()["tool_calls"][0]["name"] == "add_task"
+        assert app.state.turns.tools.cached_tools is not None

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import ssl
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Generator
 from contextlib import asynccontextmanager
@@ -41,7 +42,7 @@ from mcp.shared.exceptions import MCPError
 
 from backend import metrics
 from backend.config import Settings
-from backend.delegation import CALL_META
+from backend.delegation import CALL_META, mint_turn_token
 from backend.failures import McpUnavailable
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ def call_meta(context: MCPToolMetaContext) -> dict[str, Any]:
     occurrence = call.occurrences[signature]
     call.occurrences[signature] += 1
     return {CALL_META: occurrence}
+
+
+# Start-up does not wait longer than this for the MCP server.
+PREFETCH_SECONDS = 2.0
 
 
 class TaskServer(MCPServer):
@@ -137,6 +142,23 @@ class TaskServer(MCPServer):
     @property
     def cached_tools(self) -> list[mcp_types.Tool] | None:
         return self._tools
+
+    async def prefetch(self, secret: str) -> None:
+        """List and convert the tools at start-up rather than in the first turn. The listing carries a
+        grant for no real turn (a nil conversation and turn): it can list, and every tool call made
+        with it would be refused. A server that is not up yet is listed on the first turn instead."""
+        nil = uuid.UUID(int=0)
+        token = mint_turn_token(
+            secret, "start-up", conversation_id=nil, turn_id=nil, replay_scope="start-up", ttl_seconds=30
+        )
+        call = TURN_CALL.set(TurnCall(token))
+        try:
+            async with asyncio.timeout(PREFETCH_SECONDS):
+                await self.function_tools()
+        except (McpUnavailable, TimeoutError):
+            log.info("task tools not listed at start-up (MCP server not reachable yet); the first turn lists them")
+        finally:
+            TURN_CALL.reset(call)
 
     async def function_tools(self) -> list[Tool]:
         """The task tools as the Agents SDK's tools (what `Agent(mcp_servers=[self])` would convert
