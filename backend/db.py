@@ -72,9 +72,12 @@ class Database:
         self.timeout = timeout
         # At most as many units in worker threads as the pool has connections: under load the rest
         # wait here instead of piling into threads that contend for the GIL and the pool (which made
-        # a slow event loop look like a stalled database: 503s). The wait has its own bound, so a
-        # stalled database still answers every request within twice the unit's bound.
+        # a slow event loop look like a stalled database: 503s). While the database is not answering
+        # (a unit ran out of time and none has been answered since) the queued units give up at once,
+        # so a stalled database still answers every request within the unit's bound.
         self._slots = asyncio.Semaphore(connections) if connections else None
+        self._stalled = False
+        self._waiting: set[asyncio.Timeout] = set()
 
     async def run(self, work: Callable[[Connection], T], *, within: float | None = None) -> T:
         """`work(connection)` in one transaction, committed before this returns.
@@ -92,12 +95,16 @@ class Database:
         try:
             if self._slots is None:
                 return await self._run(unit, work, within)
-            async with asyncio.timeout(within or self.timeout):
-                await self._slots.acquire()
+            await self._acquire_slot()
             try:
-                return await self._run(unit, work, within)
+                result = await self._run(unit, work, within)
+            except TimeoutError:
+                self._stall()
+                raise
             finally:
                 self._slots.release()
+            self._stalled = False
+            return result
         except TimeoutError:
             log.warning("database did not answer within %.1f s", within or self.timeout)
             raise DatabaseUnavailable() from None
@@ -109,6 +116,26 @@ class Database:
         except exc.TimeoutError:
             log.warning("database pool exhausted: no free connection in time")
             raise DatabaseUnavailable() from None
+
+    async def _acquire_slot(self) -> None:
+        """Wait for a slot as long as the units ahead are answered, however slowly (a busy process is
+        slow, not failing); while the database is not answering them, give up at once instead."""
+        assert self._slots is not None
+        if self._stalled and self._slots.locked():
+            raise TimeoutError
+        async with asyncio.timeout(None) as waiting:
+            self._waiting.add(waiting)
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting.discard(waiting)
+
+    def _stall(self) -> None:
+        """A unit ran out of time: until one is answered again, the queued ones give up now."""
+        self._stalled = True
+        now = asyncio.get_running_loop().time()
+        for waiting in self._waiting:
+            waiting.reschedule(now)
 
     async def _run(self, unit: Callable[[Callable[[W], T]], T], work: Callable[[W], T], within: float | None) -> T:
         async with asyncio.timeout(within or self.timeout):

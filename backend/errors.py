@@ -3,7 +3,7 @@ request's `request_id` (its X-Request-ID), never a stack trace.
 
 Services raise `ServiceError`s (backend/failures.py); this module maps each kind once to its status
 and headers (`Retry-After` for limits and unavailable dependencies, `WWW-Authenticate` for 401).
-`ApiError` is for the few answers that exist only at the HTTP edge. A last-resort middleware turns
+Starlette's own HTTP errors (405, a 404 for an unknown path) get the same body. A last-resort middleware turns
 anything unexpected into a JSON 500 with one log line, and keeps the connection usable.
 """
 
@@ -28,32 +28,6 @@ from backend.request_context import current_request_id
 log = logging.getLogger(__name__)
 
 BEARER = {"WWW-Authenticate": "Bearer"}
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status_code: int,
-        code: str,
-        detail: str | list[dict[str, Any]],
-        *,
-        retryable: bool | None = None,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(str(detail))
-        self.status_code = status_code
-        self.code = code
-        self.detail = detail
-        self.retryable = retryable
-        self.headers = headers
-        self.extra = extra or {}
-
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"detail": self.detail, "code": self.code}
-        if self.retryable is not None:
-            body["retryable"] = self.retryable
-        return with_request_id({**body, **self.extra})
 
 
 class ErrorBody(BaseModel):
@@ -145,19 +119,6 @@ _DESCRIPTIONS = {
 }
 
 
-def invalid(location: str, name: str, message: str, code: str) -> ApiError:
-    """A 422 for a value only the service can judge, shaped like FastAPI's validation errors."""
-    return ApiError(422, code, [{"loc": [location, name], "msg": message, "type": code}])
-
-
-def not_found(what: str = "Conversation") -> ApiError:
-    return ApiError(404, "not_found", f"{what} not found")
-
-
-def unauthorized(detail: str = "Invalid or missing bearer token") -> ApiError:
-    return ApiError(401, "unauthorized", detail, headers=BEARER)
-
-
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -176,10 +137,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return service_error_response(exc)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

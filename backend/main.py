@@ -7,12 +7,11 @@ survives a request.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
-from agents import Model, set_tracing_disabled
+from agents import Model
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -31,14 +30,6 @@ from backend.services.chatkit_store import ConversationStore
 from backend.services.turn import TurnService
 
 
-def configure_process(settings: Settings) -> None:
-    """Process-wide switches for the libraries (no network at import, no tracing without a key)."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    # Without an OpenAI key the SDK's trace exporter would log a warning per run.
-    set_tracing_disabled(not settings.tracing_enabled)
-    # Logging is the entry point's (backend/logging_setup.py), not the app's.
-
-
 async def warm_routes(app: FastAPI) -> None:
     """FastAPI builds each router's routes on the first request that walks them: one request that
     matches nothing walks them all, at start-up instead of in a user's request."""
@@ -55,7 +46,6 @@ def create_app(
     """The API. `model_factory` lets tests stand in for the model."""
     settings = settings or Settings()
     settings.validate_for_api()
-    configure_process(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

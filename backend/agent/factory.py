@@ -8,6 +8,7 @@ act for travels with each turn (see mcp_client).
 from __future__ import annotations
 
 import logging
+import os
 from functools import cache
 from typing import Any
 
@@ -40,9 +41,9 @@ def make_model(settings: Settings) -> Model:
     name = settings.model_name
     if name == OFFLINE_MODEL:
         return OfflineModel()
+    _prepare_litellm()
     from agents.extensions.models.litellm_model import LitellmModel  # imported at start-up by `warm_up`
 
-    _quiet_litellm()
     return LitellmModel(
         model=name,
         base_url=settings.model_api_base,
@@ -51,9 +52,12 @@ def make_model(settings: Settings) -> Model:
 
 
 @cache  # once per process: Logger.setLevel clears every logger's level cache, per turn it showed in profiles
-def _quiet_litellm() -> None:
-    """LiteLLM prints a help banner per error and logs provider bodies (which may echo a key or the
-    user's text); the turn's own one-line warning says what failed (see agent/failures.describe)."""
+def _prepare_litellm() -> None:
+    """Before LiteLLM's first import: its model cost map from the package rather than fetched at import
+    (no network at start-up; containers have none). Then quiet: it prints a help banner per error and
+    logs provider bodies (which may echo a key or the user's text); the turn's own one-line warning
+    says what failed (see agent/failures.describe)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
     litellm.suppress_debug_info = True
