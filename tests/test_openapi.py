@@ -23,6 +23,7 @@ from backend.api.chat import event_body
 from backend.api.stream_events import ChatStreamEvent
 from backend.errors import ErrorBody, service_error_response
 from backend.main import create_app
+from backend.request_context import REQUEST_ID
 from backend.services.turn_events import Token, ToolCalled, ToolReturned, TurnCompleted, TurnError, TurnStarted
 from tests.conftest import make_settings
 from tests.support.node import npm_project
@@ -104,16 +105,20 @@ def test_generated_typescript_types_check_chatkit_and_error_bodies(
 
 def test_error_body_declares_what_errors_carry(document: dict[str, Any]) -> None:
     schema = document["components"]["schemas"]["ErrorBody"]
-    assert set(schema["properties"]) == {"detail", "code", "retryable", "conversation_id", "message_id"}
+    assert set(schema["properties"]) == {"detail", "code", "retryable", "conversation_id", "message_id", "request_id"}
     assert set(schema["required"]) == {"detail", "code"}
 
     failed = failures.TurnFailed("The model failed", code="model_error", retryable=True)
     failed.turn = (uuid.uuid4(), uuid.uuid4())
-    for error in (failed, failures.LimitExceeded("Slow down", retry_after=3), failures.NotFound()):
-        body = json.loads(service_error_response(error).body)
-        assert set(body) <= set(ErrorBody.model_fields), body
-        ErrorBody.model_validate(body)
-    assert set(json.loads(service_error_response(failed).body)) == set(ErrorBody.model_fields)
+    token = REQUEST_ID.set("req-1")  # as within a request (RequestIdMiddleware)
+    try:
+        for error in (failed, failures.LimitExceeded("Slow down", retry_after=3), failures.NotFound()):
+            body = json.loads(service_error_response(error).body)
+            assert set(body) <= set(ErrorBody.model_fields), body
+            ErrorBody.model_validate(body)
+        assert set(json.loads(service_error_response(failed).body)) == set(ErrorBody.model_fields)
+    finally:
+        REQUEST_ID.reset(token)
 
 
 def test_every_route_documents_its_errors_as_error_bodies(document: dict[str, Any]) -> None:
