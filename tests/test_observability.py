@@ -23,11 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.config import Settings
-from tests.conftest import TEST_MCP_SECRET, make_settings
+from tests.conftest import make_settings
 from tests.support import db
-from tests.support.servers import free_port, wait_http
+from tests.support.servers import free_port, process_env, wait_http, worker_pids
 from tests.support.stack import api_client
-from tests.support.tokens import TEST_AUTH_SECRET, auth, user_token
+from tests.support.tokens import auth, user_token
 
 ALICE = auth("alice-observed")
 HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -146,16 +146,7 @@ async def test_metrics_can_be_switched_off(database_url: str) -> None:
 
 
 def _env(database_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "APP_ENV": "production",
-        "DATABASE_URL": database_url,
-        "AUTH_SECRET": TEST_AUTH_SECRET,
-        "MCP_TOKEN_SECRET": TEST_MCP_SECRET,
-        "CHAT_MODEL": "offline",
-        "LOG_LEVEL": "INFO",
-        "WEB_CONCURRENCY": "1",
-        **extra,
-    }
+    return process_env(database_url, **{"LOG_LEVEL": "INFO", "WEB_CONCURRENCY": "1", **extra})
 
 
 @contextmanager
@@ -169,7 +160,7 @@ def _process(command: str, env: dict[str, str], base: str, log: Path, workers: i
         try:
             wait_http(f"{base}/health", timeout=120, proc=proc)
             deadline = time.monotonic() + 120
-            while workers > 1 and len(_children(proc.pid)) < workers:
+            while workers > 1 and len(worker_pids(proc.pid)) < workers:
                 assert time.monotonic() < deadline, "the workers did not start"
                 time.sleep(0.2)
             yield
@@ -177,19 +168,6 @@ def _process(command: str, env: dict[str, str], base: str, log: Path, workers: i
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=30)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.support import db
-from tests.support.servers import free_port, process_env, wait_http
+from tests.support.servers import free_port, process_env, wait_http, worker_pids
 from tests.support.tokens import auth
 
 LIMITS = {"MAX_HEADER_BYTES": "16384", "MAX_HEADER_COUNT": "100", "HEADER_TIMEOUT_SECONDS": "1"}
@@ -42,7 +42,7 @@ def _process(command: str, env: dict[str, str], base: str | None = None) -> Iter
         wait_http(f"{base}/health", timeout=120, proc=proc)
         deadline = time.monotonic() + 120
         workers = int(env["WEB_CONCURRENCY"]) if command == "serve" else 1
-        while workers > 1 and len(_children(proc.pid)) < workers:  # with one, `serve` is the worker
+        while workers > 1 and len(worker_pids(proc.pid)) < workers:  # with one, `serve` is the worker
             assert time.monotonic() < deadline, "the workers did not start"
             time.sleep(0.2)
         yield proc
@@ -188,21 +188,6 @@ def test_huge_headers_do_not_grow_memory(servers: dict[str, tuple[str, int]]) ->
 # --- worker processes ---------------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    """Worker processes of the supervisor `pid` (not multiprocessing's resource tracker)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
@@ -238,7 +223,7 @@ def test_serve_runs_workers_that_all_answer_and_die_with_it(database_url: str) -
     port = free_port()
     env = _env(database_url, API_PORT=str(port), WEB_CONCURRENCY="2", MCP_URL=f"http://127.0.0.1:{free_port()}/mcp")
     with _process("serve", env) as serve:
-        workers = _children(serve.pid)
+        workers = worker_pids(serve.pid)
         assert len(workers) == 2, workers
 
         # New connections until each worker has answered one (the second may still be starting up).

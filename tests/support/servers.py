@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -86,3 +87,18 @@ def run_process(args: list[str], env: Mapping[str, str], health_url: str) -> Ite
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def worker_pids(pid: int) -> list[int]:
+    """Worker processes of the `serve` supervisor `pid` (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(entry.name))
+    return found
