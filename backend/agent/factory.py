@@ -98,11 +98,24 @@ def build_agent(settings: Settings, model: Model, tools: list[Tool]) -> Agent[An
     )
 
 
+def _warm_platform_headers() -> None:
+    """The OpenAI SDK describes the platform in headers on its first request, once per process;
+    that runs `uname -p` in a subprocess and reads /etc/os-release (~30 ms of the first turn)."""
+    try:  # a private helper: should it move, the first request pays for it instead
+        from openai import __version__
+        from openai._base_client import platform_headers
+    except ImportError:
+        return
+    platform_headers(__version__, platform=None)
+
+
 def _warm_openai_types() -> None:
     """The OpenAI SDK imports its chat resource on first use and builds its response models' validators
     on first parse (~50 ms); LiteLLM's OpenAI-compatible providers parse every answer with them."""
     from openai.resources.chat import AsyncChat  # noqa: F401
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    _warm_platform_headers()
 
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     message = {"role": "assistant", "content": "warm", "tool_calls": [call]}
