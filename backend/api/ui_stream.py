@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from backend.api.sse import frame
 from backend.failures import InvalidInput
 from backend.models import ClientMessageId, MessageText
 from backend.services.chatkit_store import attachments_refused
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 HEARTBEAT = b": heartbeat\n\n"
-DONE = b"data: [DONE]\n\n"
+DONE = frame("[DONE]")
 
 # Chat ids that are not UUIDs (the AI SDK's default ids are 16-character nanoids) name the
 # conversation uuid5(CHAT_IDS, "<user>\n<chat id>"): stable for one user, never shared between users.
@@ -122,7 +123,7 @@ def turn_request(body: UIChatRequest, user_id: str) -> TurnRequest:
 
 
 def part(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(chunk, separators=(",", ":"), default=str).encode() + b"\n\n"
+    return frame(json.dumps(chunk, separators=(",", ":"), default=str))
 
 
 class UIMessageParts:
