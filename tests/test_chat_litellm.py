@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -193,3 +196,24 @@ async def test_a_provider_failure_is_one_log_line_with_its_cause(
     everything = caplog.text + printed.out + printed.err
     assert SECRET_MARKER not in everything  # the provider's body is not logged
     assert "Give Feedback" not in everything and "\x1b[" not in everything  # no LiteLLM banners
+
+
+def test_start_up_warm_up_never_fetches_litellms_cost_map() -> None:
+    """LiteLLM downloads its model cost map at import unless told not to; a container has no network,
+    so that is a DNS timeout at start-up. The warm-up must set the switch before anything imports it,
+    even when the environment (unlike the image's and the tests') does not."""
+    script = """
+import asyncio, sys
+lookups = []
+sys.addaudithook(lambda event, args: lookups.append(args[0]) if event == "socket.getaddrinfo" else None)
+from backend.agent.factory import warm_up
+from backend.config import Settings
+asyncio.run(warm_up(Settings(chat_model="openai/warm", model_api_key="x", _env_file=None)))
+assert "litellm" in sys.modules
+print("lookups:", sorted({str(host) for host in lookups}))
+"""
+    env = {name: value for name, value in os.environ.items() if name != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lookups: []" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "cost map" not in result.stderr

@@ -142,6 +142,7 @@ async def warm_up(settings: Settings) -> None:
     model: Model = OfflineModel()
     warm = ModelSettings()
     if settings.model_name != OFFLINE_MODEL:
+        _prepare_litellm()  # before anything below imports LiteLLM
         _warm_openai_types()
         # Imported by LiteLLM's provider timing on the first real request (mock responses skip it).
         import litellm._service_logger  # noqa: F401
