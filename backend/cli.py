@@ -88,11 +88,11 @@ def _serve_mcp(settings: Settings) -> None:
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from backend.logging_setup import configure_logging
     from backend.mcp_server.app import create_mcp_app
-    from backend.server import mcp_config, run
+    from backend.server import freeze_after_startup, mcp_config, run
 
     settings.validate_for_mcp()
     configure_logging(settings)  # before the MCP SDK's own basicConfig, which then leaves it alone
-    run(mcp_config(settings, create_mcp_app(settings)))
+    run(mcp_config(settings, freeze_after_startup(create_mcp_app(settings))))
 
 
 # --- token ---------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ user of its own, as in real traffic. The load generator is httpx in this process
 
 CPU figures come from /proc/<pid>/stat (utime+stime, the whole process tree) of the API and the MCP
 server; they are the robust ones on a shared machine. Wall-clock figures (throughput, latencies) move
-with whatever else runs. `--profile` records the API process with py-spy during the 20-concurrent
-phase and prints where the profile was written.
+with whatever else runs. `--profile` records the API and MCP processes with py-spy during the
+20-concurrent phase and prints where the profiles were written.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,18 +284,21 @@ def py_spy(pid: int, fmt: str, out: Path) -> subprocess.Popen[bytes]:
 
 async def cpu_per_turn(stack: Stack, report: Report, rounds: int, profile: Path | None, fmt: str) -> None:
     await conversations(stack, 20, 1, "c20")  # each user's first turn (new conversation) out of the figure
-    spy = None
+    spies: list[subprocess.Popen[bytes]] = []
     if profile is not None:
-        out = profile / ("api." + {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[fmt])
-        spy = py_spy(stack.api.pid, fmt, out)
+        suffix = {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[fmt]
+        spies = [
+            py_spy(p.pid, fmt, profile / f"{name}.{suffix}") for name, p in (("api", stack.api), ("mcp", stack.mcp))
+        ]
         await asyncio.sleep(1.0)  # py-spy attaches
     api0, mcp0 = cpu_seconds(stack.api.pid), cpu_seconds(stack.mcp.pid)
     load = await conversations(stack, 20, rounds, "c20")
     api, mcp = (cpu_seconds(stack.api.pid) - api0) * 1000, (cpu_seconds(stack.mcp.pid) - mcp0) * 1000
-    if spy is not None:
+    for spy in spies:
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)
-        print(f"  profile of the API process: {out}")
+    if profile is not None:
+        print(f"  profiles of the API and MCP processes: {profile}")
     n = load.turns
     report.add(
         "CPU per turn, API + MCP, 20 concurrent (tool turns)",
@@ -433,13 +436,23 @@ def api(env: dict[str, str], workers: int, api_port: int) -> Iterator[subprocess
         yield proc
 
 
+PHASES = ("first", "serial", "cpu", "stream", "long-answer", "listing", "long-conversation", "throughput")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts: a sanity run of a minute or so")
-    parser.add_argument("--profile", action="store_true", help="py-spy the API during the 20-concurrent phase")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the API and MCP processes during the 20-concurrent phase"
+    )
     parser.add_argument("--profile-format", choices=["flamegraph", "speedscope", "raw"], default="flamegraph")
+    parser.add_argument("--only", help=f"comma-separated figures to run, of: {', '.join(PHASES)}")
+    parser.add_argument("--repeat", type=int, default=1, help="run each figure this many times (for before/after)")
     args = parser.parse_args()
     quick = args.quick
+    only = set(args.only.split(",")) if args.only else set()
+    if only - set(PHASES):
+        parser.error(f"--only: unknown {', '.join(sorted(only - set(PHASES)))}")
 
     admin = admin_url()
     database = f"chat_llmbench_{uuid.uuid4().hex[:8]}"
@@ -462,21 +475,28 @@ def main() -> None:
             with api(env, 1, api_port) as proc:
                 stack = Stack(f"http://127.0.0.1:{api_port}", proc, mcp, settings, admin, database, {})
 
-                async def one_worker() -> None:
-                    await first_and_warm(stack, report)
-                    await serial(stack, report, 8 if quick else 30)
-                    await cpu_per_turn(stack, report, 3 if quick else 10, profile, args.profile_format)
-                    await streamed_token(stack, report, 1000 if quick else 2000, 3 if quick else 6)
-                    await long_answer(stack, report, 4 if quick else 10)
-                    await listing(stack, report, 20 if quick else 50)
-                    await long_conversation(stack, report, 4 if quick else 10)
-                    await throughput(
+                phases: dict[str, Callable[[], Awaitable[None]]] = {
+                    "first": lambda: first_and_warm(stack, report),
+                    "serial": lambda: serial(stack, report, 8 if quick else 30),
+                    "cpu": lambda: cpu_per_turn(stack, report, 3 if quick else 10, profile, args.profile_format),
+                    "stream": lambda: streamed_token(stack, report, 1000 if quick else 2000, 3 if quick else 6),
+                    "long-answer": lambda: long_answer(stack, report, 4 if quick else 10),
+                    "listing": lambda: listing(stack, report, 20 if quick else 50),
+                    "long-conversation": lambda: long_conversation(stack, report, 4 if quick else 10),
+                    "throughput": lambda: throughput(
                         stack, report, "1 worker", (40, 2, 1) if quick else (100, 3, 1), 120 if quick else 400
-                    )
+                    ),
+                }
+
+                async def one_worker() -> None:
+                    for name, phase in phases.items():
+                        if not only or name in only:
+                            for _ in range(args.repeat):
+                                await phase()
 
                 asyncio.run(one_worker())
             workers = settings.workers
-            if workers > 1:
+            if workers > 1 and (not only or "throughput" in only):
                 print(f"API with the default workers ({workers}):")
                 with api(env, workers, api_port) as proc:
                     stack = Stack(f"http://127.0.0.1:{api_port}", proc, mcp, settings, admin, database, {})

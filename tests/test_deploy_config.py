@@ -27,6 +27,7 @@ SETTINGS_VARS = {name.upper() for name in Settings.model_fields}
 # Read by the image or a library itself, not by Settings.
 LIBRARY_VARS = {
     "LITELLM_LOCAL_MODEL_COST_MAP",  # LiteLLM: no cost-map download at import
+    "EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER",  # LiteLLM: openai/ without the OpenAI SDK (agent/factory)
     "FORWARDED_ALLOW_IPS",  # uvicorn: whose X-Forwarded-* headers to trust
     "AZURE_API_KEY",  # LiteLLM's azure/* provider
     "AZURE_API_BASE",

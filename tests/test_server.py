@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from tests.support import db
 from tests.support.servers import free_port, process_env, wait_http, worker_pids
@@ -247,3 +248,35 @@ def test_serve_runs_workers_that_all_answer_and_die_with_it(database_url: str) -
         assert not any(map(_alive, workers))
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+async def test_what_start_up_built_is_frozen_out_of_the_collector_once_started() -> None:
+    """Both servers wrap their app so the objects built at start-up leave the collector's reach (a full
+    collection would walk them all in someone's turn), after the app's start-up, not before it."""
+    import gc
+
+    from backend.server import freeze_after_startup
+
+    seen: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        seen.append(gc.get_freeze_count())  # start-up itself: nothing frozen yet
+        await send({"type": "lifespan.startup.complete"})
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        seen.append(gc.get_freeze_count())
+
+    gc.unfreeze()
+    try:
+        await freeze_after_startup(app)({"type": "lifespan"}, receive, send)
+    finally:
+        gc.unfreeze()
+    assert sent == [{"type": "lifespan.startup.complete"}]
+    assert seen[0] == 0 and seen[1] > 10_000

@@ -58,6 +58,10 @@ def _prepare_litellm() -> None:
     logs provider bodies (which may echo a key or the user's text); the turn's own one-line warning
     says what failed (see agent/failures.describe)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    # OpenAI-compatible providers (`openai/...`) through LiteLLM's own HTTP handler, as its Gemini
+    # provider already is, rather than the OpenAI SDK, whose request transform walks every message
+    # against each type of a union on every call: about half of a call's CPU (README, Performance).
+    os.environ.setdefault("EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER", "True")
     import litellm
 
     litellm.suppress_debug_info = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import openai
 from agents import MaxTurnsExceeded, ModelBehaviorError
 from agents.exceptions import ModelTimeoutError
@@ -37,7 +38,8 @@ def classify(error: BaseException) -> ServiceError:
         )
     if isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError) or _status(error) in (401, 403):
         return TurnFailed("The model provider rejected the server's credentials", code="model_auth_failed")
-    if isinstance(error, openai.APIConnectionError):
+    # LiteLLM's OpenAI-compatible provider reports a refused connection as a 500 caused by one.
+    if any(isinstance(cause, openai.APIConnectionError | httpx.ConnectError) for cause in _causes(error)):
         return TurnFailed(
             "The model provider could not be reached; try again", code="model_unavailable", retryable=True
         )

@@ -309,43 +309,70 @@ class GeminiStub:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        match = _MODEL_PATH.search(request.url.path)
+        route = self._route(request.url.path, body)
         record = RecordedRequest(
             method=request.method,
             path=request.url.path,
             query=dict(request.query_params),
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
-            model=match["model"] if match else None,
-            stream=bool(match and match["method"] == "streamGenerateContent"),
+            model=route[0] if route else None,
+            stream=bool(route and route[1]),
         )
         with self._lock:
             self._requests.append(record)
-        if match is None:
-            return _error_response(404, f"unknown path {request.url.path}", "NOT_FOUND")
-        if self.expected_api_key is not None and record.api_key != self.expected_api_key:
-            # What Google answers for a wrong key.
-            return _error_response(400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT")
+        if route is None:
+            return self._error(404, f"unknown path {request.url.path}", "NOT_FOUND")
+        if self.expected_api_key is not None and self._api_key(record) != self.expected_api_key:
+            return self._wrong_key()
 
         number, reply = self._next()
         if reply.delay:
             await self._sleep(reply.delay, request)
         if reply.kind == "error":
-            return _error_response(reply.status_code, reply.message, reply.error_status, reply.headers)
+            return self._error(reply.status_code, reply.message, reply.error_status, reply.headers)
         model = record.model or "unknown"
         if not record.stream:
-            return JSONResponse(_full_response(reply, number, model))
+            return JSONResponse(self._full(reply, number, model))
         return StreamingResponse(
             self._sse(reply, number, model),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache"},
         )
 
+    # --- the protocol: what a subclass for another provider's REST API overrides -------------------
+    def _route(self, path: str, body: Any) -> tuple[str, bool] | None:
+        """(model, streamed) for a path this API serves, else None."""
+        match = _MODEL_PATH.search(path)
+        return (match["model"], match["method"] == "streamGenerateContent") if match else None
+
+    def _api_key(self, record: RecordedRequest) -> str | None:
+        return record.api_key
+
+    def _wrong_key(self) -> Response:
+        # What Google answers for a wrong key.
+        return self._error(400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT")
+
+    def _error(
+        self, status_code: int, message: str, status: str | None, headers: Mapping[str, str] | None = None
+    ) -> Response:
+        return _error_response(status_code, message, status, headers)
+
+    def _full(self, reply: Reply, number: int, model: str) -> dict[str, Any]:
+        return _full_response(reply, number, model)
+
+    def _chunks(self, reply: Reply, number: int, model: str) -> Iterator[dict[str, Any]]:
+        return _stream_chunks(reply, number, model)
+
+    _STREAM_END = b""  # what follows the last chunk
+
     async def _sse(self, reply: Reply, number: int, model: str) -> AsyncIterator[bytes]:
-        for i, chunk in enumerate(_stream_chunks(reply, number, model)):
+        for i, chunk in enumerate(self._chunks(reply, number, model)):
             if i and reply.chunk_delay:
                 await asyncio.sleep(reply.chunk_delay)
             yield f"data: {json.dumps(chunk)}\n\n".encode()
+        if self._STREAM_END:
+            yield self._STREAM_END
 
 
 def _error_response(
