@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -277,6 +278,23 @@ async def serial(stack: Stack, report: Report, n: int) -> None:
     )
 
 
+async def floor(stub_url: str, report: Report, n: int) -> None:
+    """What the Agents SDK and LiteLLM cost with none of the backend's work (bench/stack_floor.py)."""
+    command = [sys.executable, str(ROOT / "bench" / "stack_floor.py"), "--stub-url", stub_url, "-n", str(n), "--json"]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    report.add(
+        "floor: Agents SDK + LiteLLM in one process, tool / plain turn (no server, DB, MCP)",
+        f"{figures['tool_turn_ms']:.1f} / {figures['plain_turn_ms']:.1f} ms CPU",
+        "what ≤ 18 ms per turn has to fit over",
+    )
+    report.add(
+        "floor: LiteLLM alone, one streamed chunk",
+        f"{figures['litellm_stream_chunk_ms']:.3f} ms CPU",
+        "what ≤ 0.3 ms per token has to fit over",
+    )
+
+
 def py_spy(pid: int, fmt: str, out: Path) -> subprocess.Popen[bytes]:
     args = [PY_SPY, "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "-o", str(out)]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL)  # noqa: S603
@@ -436,7 +454,7 @@ def api(env: dict[str, str], workers: int, api_port: int) -> Iterator[subprocess
         yield proc
 
 
-PHASES = ("first", "serial", "cpu", "stream", "long-answer", "listing", "long-conversation", "throughput")
+PHASES = ("first", "serial", "cpu", "stream", "long-answer", "listing", "long-conversation", "floor", "throughput")
 
 
 def main() -> None:
@@ -483,6 +501,7 @@ def main() -> None:
                     "long-answer": lambda: long_answer(stack, report, 4 if quick else 10),
                     "listing": lambda: listing(stack, report, 20 if quick else 50),
                     "long-conversation": lambda: long_conversation(stack, report, 4 if quick else 10),
+                    "floor": lambda: floor(env["MODEL_API_BASE"], report, 50 if quick else 200),
                     "throughput": lambda: throughput(
                         stack, report, "1 worker", (40, 2, 1) if quick else (100, 3, 1), 120 if quick else 400
                     ),
