@@ -296,7 +296,7 @@ async def floor(stub_url: str, report: Report, n: int) -> None:
 
 
 def py_spy(pid: int, fmt: str, out: Path) -> subprocess.Popen[bytes]:
-    args = [PY_SPY, "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "-o", str(out)]
+    args = [PY_SPY, "record", "--nonblocking", "--pid", str(pid), "--rate", "250", "--format", fmt, "-o", str(out)]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL)  # noqa: S603
 
 

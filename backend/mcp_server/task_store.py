@@ -16,6 +16,7 @@ from typing import Any, Literal
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
 from sqlalchemy import delete, func, literal, update
+from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import Session, col, select
 
@@ -57,44 +58,53 @@ def check_grant(session: Session, grant: Delegation) -> None:
     every task change made with a turn token commits before its turn ends, never after. The lease is
     compared with the database clock, the one clock every replica shares.
     """
+    if not grant.is_operator:
+        _granted(session, grant, literal(None))
+
+
+def _granted(session: Session, grant: Delegation, column: Any) -> Any:
+    """`check_grant`, selecting `column` (a scalar subquery) in the same round trip: its value."""
     if grant.is_operator:
-        return
-    live = session.exec(
-        select(literal(1))
+        return session.execute(core_select(column)).scalar()
+    live = session.execute(
+        core_select(literal(1), column)
         .where(
             col(Conversation.id) == grant.conversation_id,
             col(Conversation.user_id) == grant.user_id,
             col(Conversation.turn_id) == grant.turn_id,
             col(Conversation.turn_lease_until) > func.now(),
         )
-        .with_for_update(read=True)
+        .with_for_update(read=True, of=Conversation)
     ).first()
     if live is None:
         raise ToolError(TURN_ENDED)
+    return live[1]
 
 
 def _not_found(number: int) -> ToolError:
     return ToolError(f"task {number} not found")
 
 
-def _next_number(session: Session, user_id: str) -> int:
-    """The user's next task number; the counter row stays locked until this transaction ends."""
-    bump = (
+def add_task(session: Session, user_id: str, title: str, description: str | None) -> TaskChange:
+    """One statement: bump the user's task counter (its row stays locked until this transaction ends,
+    which orders one user's concurrent adds) and insert the task under the new number."""
+    bumped = (
         insert(TaskCounter)
         .values(user_id=user_id, last_number=1)
         .on_conflict_do_update(
             index_elements=[col(TaskCounter.user_id)], set_={"last_number": col(TaskCounter.last_number) + 1}
         )
         .returning(col(TaskCounter.last_number))
+        .cte("bumped")
     )
-    return int(session.execute(bump).scalar_one())
-
-
-def add_task(session: Session, user_id: str, title: str, description: str | None) -> TaskChange:
-    task = Task(user_id=user_id, number=_next_number(session, user_id), title=title, description=description or None)
-    session.add(task)
-    session.flush()
-    return TaskChange(task_id=task.number, status="created", title=task.title)
+    now = func.now()
+    values = core_select(
+        literal(user_id), bumped.c.last_number, literal(title), literal(description or None), literal(False), now, now
+    )
+    columns = ["user_id", "number", "title", "description", "completed", "created_at", "updated_at"]
+    added = insert(Task).from_select(columns, values).returning(col(Task.number), col(Task.title))
+    row = session.execute(added).one()
+    return TaskChange(task_id=row.number, status="created", title=row.title)
 
 
 def list_tasks(session: Session, user_id: str, status: str) -> TaskList:
@@ -172,14 +182,20 @@ def change_once(
         return done
     result = work(session)
     if key is not None:
-        session.add(ToolCall(key=key, user_id=grant.user_id, tool=tool, result=result.model_dump()))
+        record = {"key": key, "user_id": grant.user_id, "tool": tool, "result": result.model_dump()}
+        session.execute(insert(ToolCall).values(**record, created_at=func.now()))
     return result
 
 
 def recorded(session: Session, grant: Delegation, key: str | None) -> TaskChange | None:
-    check_grant(session, grant)
-    done = session.get(ToolCall, key) if key is not None else None
-    return TaskChange.model_validate(done.result) if done is not None else None
+    """The grant check and the lookup of `key`'s recorded result, in one round trip."""
+    if key is None:
+        check_grant(session, grant)
+        return None
+    result = _granted(
+        session, grant, core_select(col(ToolCall.result)).where(col(ToolCall.key) == key).scalar_subquery()
+    )
+    return TaskChange.model_validate(result) if result is not None else None
 
 
 # A turn is re-run within minutes of its failure; its recorded calls are not needed for longer.
