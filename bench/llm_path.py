@@ -11,8 +11,8 @@ user of its own, as in real traffic. The load generator is httpx in this process
 
 CPU figures come from /proc/<pid>/stat (utime+stime, the whole process tree) of the API and the MCP
 server; they are the robust ones on a shared machine. Wall-clock figures (throughput, latencies) move
-with whatever else runs. `--profile` records the API and MCP processes with py-spy during the
-20-concurrent phase and prints where the profiles were written.
+with whatever else runs. `--profile` records the API and MCP processes with py-spy during each
+figure (`--only cpu --profile`: the 20-concurrent one) and prints where the profiles were written.
 """
 
 from __future__ import annotations
@@ -54,22 +54,28 @@ TOOL = "add task {i}"  # the stub calls add_task, then summarises its result: tw
 
 
 def cpu_seconds(root: int) -> float:
-    """User + system CPU of `root` and its live descendants, plus what reaped children used."""
-    stats: dict[int, list[str]] = {}
+    """CPU of `root` and its live descendants: each thread's time on a CPU from /proc/<pid>/task/*/schedstat
+    (nanoseconds, where /proc/<pid>/stat counts 10 ms ticks), plus what reaped children used."""
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with suppress(OSError):
-                stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
     children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        children.setdefault(int(fields[1]), []).append(pid)
-    total, todo = 0, [root]
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0.0, [root]
+    with suppress(OSError):
+        stat = Path(f"/proc/{root}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(stat[13]) + int(stat[14])) / TICK  # cutime cstime: reaped children
     while todo:
         pid = todo.pop()
-        if (stat := stats.get(pid)) is not None:
-            total += sum(int(value) for value in stat[11:15])  # utime stime cutime cstime
+        with suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with suppress(OSError):
+                    total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0]) / 1e9
         todo.extend(children.get(pid, []))
-    return total / TICK
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -267,14 +273,23 @@ async def first_and_warm(stack: Stack, report: Report) -> None:
 async def serial(stack: Stack, report: Report, n: int) -> None:
     async with httpx.AsyncClient(base_url=stack.base, timeout=120) as http:
         cid = await chat(http, stack, "serial", "hello")
-        plain, tool = [], []
+        plain: list[float] = []
+        tool: list[float] = []
+        cpu = {"plain": 0.0, "tool": 0.0}
         for i in range(n):
-            plain.append(await timed(chat(http, stack, "serial", f"hello {i}", cid)))
-            tool.append(await timed(chat(http, stack, "serial", f"preamble add serial {i}", cid)))
+            for kind, times, message in (("plain", plain, f"hello {i}"), ("tool", tool, f"preamble add serial {i}")):
+                before = cpu_seconds(stack.api.pid) + cpu_seconds(stack.mcp.pid)
+                times.append(await timed(chat(http, stack, "serial", message, cid)))
+                cpu[kind] += cpu_seconds(stack.api.pid) + cpu_seconds(stack.mcp.pid) - before
     report.add(
         "serial turn p50, plain / one tool call",
         f"{statistics.median(plain):.1f} / {statistics.median(tool):.1f} ms",
         "≤ 15 / ≤ 25 ms",
+    )
+    report.add(
+        "serial turn CPU, API + MCP, plain / one tool call",
+        f"{cpu['plain'] / n * 1000:.1f} / {cpu['tool'] / n * 1000:.1f} ms",
+        "(where the serial time goes)",
     )
 
 
@@ -300,23 +315,31 @@ def py_spy(pid: int, fmt: str, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, stdout=subprocess.DEVNULL)  # noqa: S603
 
 
-async def cpu_per_turn(stack: Stack, report: Report, rounds: int, profile: Path | None, fmt: str) -> None:
+@contextmanager
+def profiling(stack: Stack, into: Path | None, phase: str, fmt: str) -> Iterator[None]:
+    """py-spy on the API and the MCP server while the block runs (nothing if `into` is None)."""
+    if into is None:
+        yield
+        return
+    suffix = {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[fmt]
+    spies = [
+        py_spy(p.pid, fmt, into / f"{phase}-{name}.{suffix}") for name, p in (("api", stack.api), ("mcp", stack.mcp))
+    ]
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+        print(f"  profiles of the API and MCP processes: {into}/{phase}-*.{suffix}")
+
+
+async def cpu_per_turn(stack: Stack, report: Report, rounds: int) -> None:
     await conversations(stack, 20, 1, "c20")  # each user's first turn (new conversation) out of the figure
-    spies: list[subprocess.Popen[bytes]] = []
-    if profile is not None:
-        suffix = {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[fmt]
-        spies = [
-            py_spy(p.pid, fmt, profile / f"{name}.{suffix}") for name, p in (("api", stack.api), ("mcp", stack.mcp))
-        ]
-        await asyncio.sleep(1.0)  # py-spy attaches
     api0, mcp0 = cpu_seconds(stack.api.pid), cpu_seconds(stack.mcp.pid)
     load = await conversations(stack, 20, rounds, "c20")
     api, mcp = (cpu_seconds(stack.api.pid) - api0) * 1000, (cpu_seconds(stack.mcp.pid) - mcp0) * 1000
-    for spy in spies:
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
-    if profile is not None:
-        print(f"  profiles of the API and MCP processes: {profile}")
     n = load.turns
     report.add(
         "CPU per turn, API + MCP, 20 concurrent (tool turns)",
@@ -461,7 +484,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts: a sanity run of a minute or so")
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy the API and MCP processes during the 20-concurrent phase"
+        "--profile", action="store_true", help="py-spy the API and MCP processes during each figure (see --only)"
     )
     parser.add_argument("--profile-format", choices=["flamegraph", "speedscope", "raw"], default="flamegraph")
     parser.add_argument("--only", help=f"comma-separated figures to run, of: {', '.join(PHASES)}")
@@ -496,7 +519,7 @@ def main() -> None:
                 phases: dict[str, Callable[[], Awaitable[None]]] = {
                     "first": lambda: first_and_warm(stack, report),
                     "serial": lambda: serial(stack, report, 8 if quick else 30),
-                    "cpu": lambda: cpu_per_turn(stack, report, 3 if quick else 10, profile, args.profile_format),
+                    "cpu": lambda: cpu_per_turn(stack, report, 3 if quick else 10),
                     "stream": lambda: streamed_token(stack, report, 1000 if quick else 2000, 3 if quick else 6),
                     "long-answer": lambda: long_answer(stack, report, 4 if quick else 10),
                     "listing": lambda: listing(stack, report, 20 if quick else 50),
@@ -511,7 +534,8 @@ def main() -> None:
                     for name, phase in phases.items():
                         if not only or name in only:
                             for _ in range(args.repeat):
-                                await phase()
+                                with profiling(stack, profile, name, args.profile_format):
+                                    await phase()
 
                 asyncio.run(one_worker())
             workers = settings.workers

@@ -27,12 +27,18 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from backend import __version__
+from backend.agent.mcp_client import TURN_CALL, TaskServer, TurnCall
 from backend.cli import mint_user_token
 from backend.config import MCP_AUDIENCE, MCP_ISSUER, Settings
 from backend.db import make_engine
 from backend.delegation import CALL_META, mint_operator_token, mint_turn_token
+from backend.failures import McpUnavailable
 from backend.mcp_server.app import create_mcp_app
 from backend.mcp_server.task_store import purge_tool_calls
 from backend.models import Task
@@ -838,3 +844,69 @@ def test_old_tool_call_records_are_purged(server: Running, engine: Engine) -> No
         assert purge_tool_calls(session, timedelta(days=2)) == 1
     with engine.connect() as conn:
         assert [row[0] for row in conn.execute(text("SELECT key FROM tool_call"))] == ["new"]
+
+
+@pytest.mark.parametrize("json_response", [True, False], ids=["json-answers", "sse-answers"])
+async def test_the_apis_task_client_calls_tools_however_the_server_answers(
+    database_url: str, json_response: bool
+) -> None:
+    """The API's `TaskServer` sends a call as one JSON-RPC POST and reads the answer itself, whether the
+    server answers with JSON (ours) or an event stream; each call runs once."""
+    port = free_port()
+    settings = make_settings(database_url, mcp_url=f"http://127.0.0.1:{port}/mcp")
+    with serve_in_thread(create_mcp_app(settings, json_response=json_response), port=port):
+        tasks = TaskServer(settings)
+        user = f"client-{uuid.uuid4().hex[:8]}"
+        call = TURN_CALL.set(TurnCall(mint_operator_token(TEST_MCP_SECRET, user), request_id="req-1"))
+        try:
+            assert {tool.name for tool in await tasks.list_tools()} == TOOLS
+            added = await tasks.call_tool("add_task", {"title": "Buy milk"})
+            assert not added.is_error and added.structured_content == {
+                "task_id": 1,
+                "status": "created",
+                "title": "Buy milk",
+            }
+            listed = await tasks.call_tool("list_tasks", {"status": "all"})
+            assert [task["title"] for task in (listed.structured_content or {})["tasks"]] == ["Buy milk"]
+            refused = await tasks.call_tool("complete_task", {"task_id": 0})  # a tool error is an answer
+            assert refused.is_error and "positive whole number" in str(refused.content)
+
+            assert (await tasks.call_tool("drop_tables", {})).is_error
+
+            # A refused token is the server failing the turn.
+            TURN_CALL.set(TurnCall("not-a-token"))
+            with pytest.raises(McpUnavailable):
+                await tasks.call_tool("list_tasks", {"status": "all"})
+            assert tasks.cached_tools is None  # listed again next time
+        finally:
+            TURN_CALL.reset(call)
+            await tasks.aclose()
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body"),
+    [
+        (200, "application/json", '{"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "boom"}}'),
+        (200, "text/event-stream", 'event: message\ndata: {"jsonrpc": "2.0", "method": "notifications/message"}\n\n'),
+        (200, "text/html", "<html>a proxy's page</html>"),
+        (502, "application/json", '{"error": "bad gateway"}'),
+    ],
+    ids=["json-rpc-error", "stream-without-answer", "not-json", "status-502"],
+)
+async def test_a_call_the_server_does_not_answer_fails_the_turn(status: int, content_type: str, body: str) -> None:
+    """Anything but a result in the POST's answer is `McpUnavailable` (503 for the turn), never a crash."""
+
+    async def answer(request: Request) -> Response:
+        return Response(body, status_code=status, media_type=content_type)
+
+    port = free_port()
+    app = Starlette(routes=[Route("/mcp", answer, methods=["POST"])])
+    with serve_in_thread(app, port=port):
+        tasks = TaskServer(make_settings("postgresql://unused/db", mcp_url=f"http://127.0.0.1:{port}/mcp"))
+        call = TURN_CALL.set(TurnCall("token"))
+        try:
+            with pytest.raises(McpUnavailable):
+                await tasks.call_tool("list_tasks", {"status": "all"})
+        finally:
+            TURN_CALL.reset(call)
+            await tasks.aclose()

@@ -4,9 +4,9 @@ The Agents SDK's own streamable-HTTP server object owns one connection per `conn
 that was a new TCP connection, an `initialize`, a `tools/list` and a new HTTP client, the largest
 part of a turn's own cost. Our MCP server is stateless (every request is an independent POST), so
 `TaskServer` is a process-wide `agents.mcp.MCPServer` instead: tools are listed once (and again only
-after a transport failure), and each `tools/call` is one POST over a shared connection pool through
-the official client (`mcp.ClientSession`), in a session of its own so one failed call cannot take
-others down with it.
+after a transport failure), and each `tools/call` is one JSON-RPC POST over a shared connection pool
+(see `_call`). Listing goes through the official client (`mcp.ClientSession`), in a session of its
+own so one failed request cannot take others down.
 
 Who a call acts for is per turn, never per process: the turn sets `TURN_CALL` (its delegation token,
 its request id) before it runs, the SDK runs the tools in tasks that inherit it, and `_TurnAuth`
@@ -39,6 +39,7 @@ from agents.mcp.util import MCPToolMetaContext, MCPUtil
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
 
 from backend import metrics
 from backend.config import Settings
@@ -87,6 +88,20 @@ def call_meta(context: MCPToolMetaContext) -> dict[str, Any]:
     return {CALL_META: occurrence}
 
 
+def _answer(response: httpx2.Response) -> Any:
+    """The JSON-RPC answer in a POST's body: JSON, or the first `data:` message of an event stream
+    that carries a result or an error (notifications may come before it)."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        for event in response.text.split("\n\n"):
+            data = "\n".join(line[5:].removeprefix(" ") for line in event.splitlines() if line.startswith("data:"))
+            if data and isinstance(message := json.loads(data), dict) and ("result" in message or "error" in message):
+                return message
+        raise ValueError("no answer in the event stream")
+    return response.json()
+
+
+_POST_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
 # Start-up does not wait longer than this for the MCP server.
 PREFETCH_SECONDS = 2.0
 
@@ -112,6 +127,7 @@ class TaskServer(MCPServer):
             limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30),
         )
         self._tools: list[mcp_types.Tool] | None = None
+        self._protocol_version = mcp_types.LATEST_PROTOCOL_VERSION  # what the server agreed to when listing
         self._listing = asyncio.Lock()
         # The SDK's tools made from `_tools`, built once per listing rather than on every run: they
         # hold no user or turn (each call reads TURN_CALL), so every turn's agent can share them.
@@ -180,17 +196,36 @@ class TaskServer(MCPServer):
         request = mcp_types.CallToolRequest(
             params=mcp_types.CallToolRequestParams(name=tool_name, arguments=arguments, _meta=meta)
         )
-
-        async def call(session: ClientSession) -> mcp_types.CallToolResult:
-            return await session.send_request(request, mcp_types.CallToolResult)
-
         try:
-            result: mcp_types.CallToolResult = await self._request(call)
+            result = await self._call(request)
         except McpUnavailable:
             metrics.tool_called(tool_name, "unavailable")
             raise
         metrics.tool_called(tool_name, "error" if result.is_error else "ok")
         return result
+
+    async def _call(self, request: mcp_types.CallToolRequest) -> mcp_types.CallToolResult:
+        """`tools/call` as one POST on the shared pool, its answer read here. Our server is stateless and
+        answers each POST in its body (JSON, or an event stream from other servers), so the official
+        client's per-call session (two task groups, memory streams, a writer task: most of a tool
+        call's cost in the API) adds nothing."""
+        body = {"jsonrpc": "2.0", "id": 1, **request.model_dump(by_alias=True, mode="json", exclude_none=True)}
+        headers = {**_POST_HEADERS, MCP_PROTOCOL_VERSION_HEADER: self._protocol_version}
+        try:
+            response = await self._http.post(self._url, json=body, headers=headers)
+        except (httpx2.HTTPError, OSError) as error:
+            raise self._unavailable(type(error).__name__) from error
+        if response.status_code != 200:
+            raise self._unavailable(f"status {response.status_code}")
+        try:
+            return mcp_types.CallToolResult.model_validate(_answer(response)["result"])
+        except (ValueError, KeyError, TypeError) as error:  # not an answer, a JSON-RPC error, not a result
+            raise self._unavailable(f"answer {type(error).__name__}") from error
+
+    def _unavailable(self, cause: str) -> McpUnavailable:
+        self._tools = None  # the server may have changed: list again next time
+        log.warning("MCP request failed: %s", cause)
+        return McpUnavailable()
 
     async def list_prompts(self) -> mcp_types.ListPromptsResult:
         return mcp_types.ListPromptsResult(prompts=[])
@@ -199,7 +234,8 @@ class TaskServer(MCPServer):
         raise McpUnavailable(f"prompt {name} is not offered by the task server")
 
     async def _list(self, session: ClientSession) -> list[mcp_types.Tool]:
-        await session.initialize()
+        initialized = await session.initialize()
+        self._protocol_version = str(initialized.protocol_version)
         return list((await session.list_tools()).tools)
 
     async def _request(self, work: Any) -> Any:
@@ -208,13 +244,9 @@ class TaskServer(MCPServer):
             async with self._session() as session:
                 return await work(session)
         except (MCPError, httpx2.HTTPError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
-            self._tools = None  # the server may have changed: list again next time
-            log.warning("MCP request failed: %s", type(error).__name__)
-            raise McpUnavailable() from error
+            raise self._unavailable(type(error).__name__) from error
         except BaseExceptionGroup as group:
-            self._tools = None
-            log.warning("MCP request failed: %s", [type(e).__name__ for e in group.exceptions])
-            raise McpUnavailable() from group
+            raise self._unavailable(str([type(e).__name__ for e in group.exceptions])) from group
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[ClientSession]:

@@ -62,8 +62,9 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
-def create_mcp_app(settings: Settings) -> Starlette:
-    """The whole MCP server process as one ASGI app (what `chat-backend mcp` serves)."""
+def create_mcp_app(settings: Settings, *, json_response: bool = True) -> Starlette:
+    """The whole MCP server process as one ASGI app (what `chat-backend mcp` serves). Each answer is one
+    JSON body; `json_response=False` streams them as SSE instead, as other MCP servers may."""
     db = Database(make_engine(settings), settings.db_timeout_seconds, settings.db_pool_size + settings.db_max_overflow)
     server: MCPServer[Any] = MCPServer(
         name="chat-backend-tasks",
@@ -85,7 +86,7 @@ def create_mcp_app(settings: Settings) -> Starlette:
     mcp_app = server.streamable_http_app(
         streamable_http_path=settings.mcp_path,
         stateless_http=True,  # no session state: any replica can answer any request
-        json_response=True,
+        json_response=json_response,
         transport_security=transport_security(settings),
     )
 
