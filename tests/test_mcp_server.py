@@ -883,6 +883,27 @@ async def test_the_apis_task_client_calls_tools_however_the_server_answers(
             await tasks.aclose()
 
 
+async def test_a_streamed_answer_after_notifications_is_read() -> None:
+    """An event stream may carry notifications before the answer, with any SSE line ending."""
+    notification = '{"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "x"}}'
+    result = '{"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "ok"}], "isError": false}}'
+    body = f"event: message\r\ndata: {notification}\r\n\r\nevent: message\r\ndata: {result}\r\n\r\n"
+
+    async def answer(request: Request) -> Response:
+        return Response(body, media_type="text/event-stream")
+
+    port = free_port()
+    with serve_in_thread(Starlette(routes=[Route("/mcp", answer, methods=["POST"])]), port=port):
+        tasks = TaskServer(make_settings("postgresql://unused/db", mcp_url=f"http://127.0.0.1:{port}/mcp"))
+        call = TURN_CALL.set(TurnCall("token"))
+        try:
+            answered = await tasks.call_tool("list_tasks", {"status": "all"})
+        finally:
+            TURN_CALL.reset(call)
+            await tasks.aclose()
+    assert not answered.is_error and answered.content[0].text == "ok"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("status", "content_type", "body"),
     [

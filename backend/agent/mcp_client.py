@@ -92,7 +92,7 @@ def _answer(response: httpx2.Response) -> Any:
     """The JSON-RPC answer in a POST's body: JSON, or the first `data:` message of an event stream
     that carries a result or an error (notifications may come before it)."""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        for event in response.text.split("\n\n"):
+        for event in response.text.replace("\r\n", "\n").replace("\r", "\n").split("\n\n"):
             data = "\n".join(line[5:].removeprefix(" ") for line in event.splitlines() if line.startswith("data:"))
             if data and isinstance(message := json.loads(data), dict) and ("result" in message or "error" in message):
                 return message
