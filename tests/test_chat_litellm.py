@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from backend.config import Settings
 from tests.conftest import GEMINI_TEST_KEY
 from tests.support.gemini_stub import SECRET_MARKER, GeminiStub
+from tests.support.seed import stored_messages
 from tests.support.stack import api_client, mcp_server, with_free_mcp_port
 from tests.support.tokens import auth
 
@@ -45,15 +46,6 @@ def gemini_settings(settings: Settings, stub: GeminiStub) -> Iterator[Settings]:
 async def http(gemini_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(gemini_settings) as client:
         yield client
-
-
-def _stored(engine: Engine, conversation_id: str) -> list[tuple[str, str, str | None]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text("SELECT role, status, error_code FROM message WHERE conversation_id = :c ORDER BY seq"),
-            {"c": conversation_id},
-        )
-        return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
 async def test_function_call_then_text(http: httpx.AsyncClient, stub: GeminiStub, engine: Engine) -> None:
@@ -217,3 +209,8 @@ print("lookups:", sorted({str(host) for host in lookups}))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lookups: []" in result.stdout, result.stdout + result.stderr[-2000:]
     assert "cost map" not in result.stderr
+
+
+def _stored(engine: Engine, conversation_id: str) -> list[tuple[str, str, str | None]]:
+    rows = stored_messages(engine, conversation_id, "role, status, error_code")
+    return [(row["role"], row["status"], row["error_code"]) for row in rows]

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from backend.config import Settings
 from tests.support.gemini_stub import SECRET_MARKER
 from tests.support.openai_stub import OpenAIStub
+from tests.support.seed import stored_messages
 from tests.support.stack import api_client, mcp_server, with_free_mcp_port
 from tests.support.tokens import auth
 
@@ -55,15 +56,6 @@ def openai_settings(settings: Settings, stub: OpenAIStub) -> Iterator[Settings]:
 async def http(openai_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(openai_settings) as client:
         yield client
-
-
-def _stored(engine: Engine, conversation_id: str) -> list[tuple[str, str, str | None]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text("SELECT role, status, error_code FROM message WHERE conversation_id = :c ORDER BY seq"),
-            {"c": conversation_id},
-        )
-        return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
 async def test_tool_call_then_text(http: httpx.AsyncClient, stub: OpenAIStub) -> None:
@@ -176,3 +168,8 @@ async def test_provider_unreachable_is_502(openai_settings: Settings) -> None:
         response = await client.post("/api/chat", json={"message": "hi"}, headers=ALICE)
     assert response.status_code == 502
     assert response.json()["code"] == "model_unavailable"
+
+
+def _stored(engine: Engine, conversation_id: str) -> list[tuple[str, str, str | None]]:
+    rows = stored_messages(engine, conversation_id, "role, status, error_code")
+    return [(row["role"], row["status"], row["error_code"]) for row in rows]

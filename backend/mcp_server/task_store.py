@@ -63,9 +63,7 @@ def check_grant(session: Session, grant: Delegation) -> None:
 
 
 def _granted(session: Session, grant: Delegation, column: Any) -> Any:
-    """`check_grant`, selecting `column` (a scalar subquery) in the same round trip: its value."""
-    if grant.is_operator:
-        return session.execute(core_select(column)).scalar()
+    """`check_grant` for a turn token, selecting `column` (a scalar subquery) in the same round trip."""
     live = session.execute(
         core_select(literal(1), column)
         .where(
@@ -189,7 +187,7 @@ def change_once(
 
 def recorded(session: Session, grant: Delegation, key: str | None) -> TaskChange | None:
     """The grant check and the lookup of `key`'s recorded result, in one round trip."""
-    if key is None:
+    if key is None or grant.is_operator:  # operator tokens name no turn, so they have no key either
         check_grant(session, grant)
         return None
     result = _granted(
